@@ -1,0 +1,170 @@
+"""The SD v1 UNet (`model.diffusion_model.*`), built so that checkpoint key names are the module tree."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.attention import SpatialTransformer, maybe_checkpoint
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal timestep features [cos | sin] (Vaswani et al. 2017, as in the ADM/LDM code), float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between; 1x1 skip when widths differ."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
+                 checkpoint: bool = False) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.checkpoint = checkpoint
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self._forward, x, emb, enabled=self.checkpoint)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv halving H and W (`op`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (`conv`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands the timestep embedding to ResBlocks and the text context to transformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+# Config keys of the CompVis UNet that do not change the SD v1 architecture (accepted and ignored).
+_IGNORED = {"image_size", "use_fp16", "legacy", "conv_resample", "dims", "use_scale_shift_norm", "resblock_updown",
+            "use_new_attention_order", "num_heads_upsample", "num_classes", "n_embed"}
+
+
+class UNetModel(nn.Module):
+    """Eps-predicting UNet of SD v1: ResBlocks + SpatialTransformers at the attention resolutions.
+
+    `use_checkpoint` from the CompVis config is accepted, but gradient checkpointing is switched on explicitly
+    with `set_gradient_checkpointing(True)` (it costs ~30% speed and is only worth it when memory is short).
+    """
+
+    def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
+                 attention_resolutions: Sequence[int], channel_mult: Sequence[int] = (1, 2, 4, 4),
+                 num_heads: int = 8, num_head_channels: int = -1, use_spatial_transformer: bool = True,
+                 transformer_depth: int = 1, context_dim: int = 768, dropout: float = 0.0,
+                 use_checkpoint: bool = False, **kwargs) -> None:
+        super().__init__()
+        unknown = set(kwargs) - _IGNORED
+        if unknown:
+            raise ValueError(f"UNetModel: unsupported config keys {sorted(unknown)}. "
+                             "APL supports the Stable Diffusion v1.x UNet only (SD 2.x/XL configs are not v1).")
+        if kwargs.get("use_scale_shift_norm") or kwargs.get("resblock_updown") or not use_spatial_transformer:
+            raise ValueError("UNetModel: use_scale_shift_norm/resblock_updown/non-spatial attention are not SD v1.")
+        if kwargs.get("dims", 2) != 2:
+            raise ValueError("UNetModel: only 2-D UNets (dims: 2) are supported.")
+        self.model_channels = model_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        emb_dim = model_channels * 4
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, d_head = (num_heads, ch // num_heads) if num_head_channels == -1 else (
+                ch // num_head_channels, num_head_channels)
+            return SpatialTransformer(ch, heads, d_head, transformer_depth, context_dim, dropout)
+
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_channels, ch, ds = [model_channels], model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, dropout, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, dropout), transformer(ch),
+                                                    ResBlock(ch, emb_dim, dropout))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, dropout, model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute ResBlock/transformer activations in backward to save memory."""
+        for m in self.modules():
+            if hasattr(m, "checkpoint"):
+                m.checkpoint = enabled
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, 4, h, w), timesteps (B,), context (B, 77, 768) -> eps (B, 4, h, w)."""
+        dtype = self.time_embed[0].weight.dtype
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        h, context = x.to(dtype), context.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)

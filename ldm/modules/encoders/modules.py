@@ -1,0 +1,158 @@
+"""CLIP ViT-L/14 text encoder (`cond_stage_model.transformer.text_model.*`, Hugging Face key names).
+
+The learned APL prefix enters through the named `embedding_manager` argument: it receives the token ids and
+their token embeddings and returns the (possibly rewritten) token embeddings before position embeddings are
+added. Nothing is monkeypatched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (input_ids (B, 77), token_embeds (B, 77, D)) -> token_embeds (B, 77, D)
+EmbeddingHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408  # BPE vocabulary incl. <|startoftext|>/<|endoftext|>
+    width: int = 768  # hidden size = context_dim of the UNet
+    layers: int = 12
+    heads: int = 12
+    max_length: int = 77  # positions
+    mlp_ratio: int = 4  # fc1 width = 4 * width
+    eps: float = 1e-5  # LayerNorm eps
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # CLIP text attention is causal
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.width * cfg.mlp_ratio)
+        self.fc2 = nn.Linear(cfg.width * cfg.mlp_ratio, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick-GELU, as OpenAI's CLIP was trained
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+
+
+class CLIPTextTransformer(nn.Module):
+    """Token ids (B, 77) -> last hidden state after the final LayerNorm (B, 77, D)."""
+
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+    def forward(self, input_ids: torch.Tensor, embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
+        x = self.embeddings.token_embedding(input_ids)  # (B, 77, D)
+        if embedding_manager is not None:
+            x = embedding_manager(input_ids, x)
+        x = x + self.embeddings.position_embedding.weight[: x.shape[1]].to(x.dtype)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+
+class CLIPTextModel(nn.Module):
+    """Holder giving the `transformer.text_model.*` key level of SD v1 checkpoints."""
+
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.text_model = CLIPTextTransformer(cfg)
+
+    def forward(self, input_ids: torch.Tensor, embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
+        return self.text_model(input_ids, embedding_manager)
+
+
+_KNOWN_VERSIONS = {"openai/clip-vit-large-patch14"}
+
+
+class FrozenCLIPEmbedder(nn.Module):
+    """SD v1's conditioning model: tokenizer + frozen CLIP text transformer.
+
+    `version` names the Hugging Face model the original downloaded; here it only selects the architecture
+    (ViT-L/14 text tower). The weights always come from the SD checkpoint. A tiny encoder for tests and the
+    demo is built with `width`/`layers`/`heads`.
+    """
+
+    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: str | None = None,
+                 max_length: int = 77, width: int = 768, layers: int = 12, heads: int = 12, **kwargs) -> None:
+        super().__init__()
+        if kwargs.keys() - {"freeze", "layer"}:
+            raise ValueError(f"FrozenCLIPEmbedder: unsupported config keys {sorted(kwargs)}.")
+        if kwargs.get("layer", "last") != "last":
+            raise ValueError("FrozenCLIPEmbedder: only layer='last' (SD v1) is supported.")
+        if version not in _KNOWN_VERSIONS:
+            raise ValueError(f"FrozenCLIPEmbedder: unknown version {version!r}; SD v1 uses "
+                             "'openai/clip-vit-large-patch14' (SD 2.x uses OpenCLIP ViT-H and is not supported).")
+        if max_length != 77:
+            raise ValueError("FrozenCLIPEmbedder: max_length must be 77 for SD v1.")
+        self.config = CLIPTextConfig(width=width, layers=layers, heads=heads, max_length=max_length)
+        self.transformer = CLIPTextModel(self.config)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The offline BPE tokenizer (built on first use: reading the BPE file takes ~0.3 s)."""
+        if self._tokenizer is None:
+            from ldm.modules.encoders.tokenizer import CLIPTokenizer
+
+            self._tokenizer = CLIPTokenizer()
+        return self._tokenizer
+
+    def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> token ids (B, 77) on this module's device."""
+        device = self.transformer.text_model.embeddings.token_embedding.weight.device
+        return self.tokenizer(text).to(device)
+
+    def forward(self, text: str | Sequence[str], embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
+        return self.transformer(self.tokenize(text), embedding_manager=embedding_manager)
+
+    def encode(self, text: str | Sequence[str], embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
+        return self(text, embedding_manager=embedding_manager)

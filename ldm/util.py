@@ -1,0 +1,64 @@
+"""Config handling: CompVis-style `target`/`params` configs resolved through a fixed registry of APL classes.
+
+A config's `target` is looked up in `REGISTRY`; nothing is ever imported by name from a config file, so a YAML
+file cannot make APL run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+
+def _registry() -> dict[str, Callable[..., Any]]:
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    return {
+        "ldm.models.diffusion.ddpm.LatentDiffusion": LatentDiffusion,
+        "ldm.modules.diffusionmodules.openaimodel.UNetModel": UNetModel,
+        "ldm.models.autoencoder.AutoencoderKL": AutoencoderKL,
+        "ldm.modules.encoders.modules.FrozenCLIPEmbedder": FrozenCLIPEmbedder,
+        "torch.nn.Identity": nn.Identity,  # the VAE's `lossconfig` in inference configs
+    }
+
+
+class ConfigError(ValueError):
+    """A model config that APL cannot build."""
+
+
+def instantiate_from_config(config: Mapping) -> Any:
+    """Build `config['target'](**config['params'])` for a target in APL's registry; refuse anything else."""
+    if not isinstance(config, Mapping) or "target" not in config:
+        raise ConfigError(f"expected a mapping with a 'target' key, got {config!r:.200}")
+    target = config["target"]
+    registry = _registry()
+    if target not in registry:
+        raise ConfigError(f"config target {target!r} is not one of APL's model classes ({', '.join(sorted(registry))});"
+                          " APL never imports classes named in a config file. SD v1 configs use exactly these.")
+    params = config.get("params") or {}
+    try:
+        return registry[target](**params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build {target}: {e}") from e
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a CompVis YAML config (safe loader) and return the mapping under `model:`'s parent."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (SD v1: configs/stable-diffusion/v1-inference.yaml)")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(config, Mapping) or "model" not in config:
+        raise ConfigError(f"{path}: expected a CompVis config with a top-level 'model:' section")
+    return dict(config)
