@@ -1,0 +1,1 @@
+"""Model-independent evaluation: face identity similarity, CLIP score and FID."""

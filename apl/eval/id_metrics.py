@@ -1,0 +1,282 @@
+"""Identity metrics: cosine similarity of generated faces to each person's ground-truth embedding.
+
+A no-face image counts as similarity 0 in the per-identity mean and max (as in the original APL), because an image
+without a recognisable face reveals no identity. ID accuracy is the fraction of images recognised as the person
+(similarity >= threshold); for anonymisation, lower is better.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from apl.eval.faces import FaceBackend
+from apl.eval.images import ImageReadError, LoadReport, is_image_file, list_images, load_image_rgb
+
+logger = logging.getLogger(__name__)
+
+# Verification thresholds on cosine similarity of L2-normalised embeddings, per face backend.
+# - insightface (ArcFace; buffalo_l's recogniser is w600k_r50): ArcFace verification operating points are commonly
+#   put at cosine 0.28-0.4. DeepFace's LFW-tuned ArcFace threshold is cosine distance 0.68, i.e. similarity 0.32; we
+#   use 0.32. (DeepFace's entry for the buffalo_l model itself is stricter, 0.45; for a privacy claim the lower value
+#   is the conservative side: more generated images count as "still recognisable".)
+# - dlib (128-d ResNet): dlib's documented rule is Euclidean distance < 0.6 between the *raw* descriptors, whose norm
+#   r is about 1.45 (1.35-1.59 on the photos shipped with insightface). For two vectors of norm r,
+#   |a - b|^2 = 2 r^2 (1 - cos), so 0.6 corresponds to cos = 1 - 0.18 / r^2 = 0.91 (DeepFace's tuned dlib cosine
+#   distance, 0.07, gives 0.93).
+DEFAULT_ID_THRESHOLDS: dict[str, float] = {"insightface": 0.32, "dlib": 0.91}
+DEFAULT_ID_THRESHOLD = DEFAULT_ID_THRESHOLDS["insightface"]
+
+
+def default_id_threshold(backend: str) -> float:
+    """The default verification threshold for a face backend name."""
+    if backend not in DEFAULT_ID_THRESHOLDS:
+        raise ValueError(f"No default ID threshold for backend '{backend}'; known: {sorted(DEFAULT_ID_THRESHOLDS)}.")
+    return DEFAULT_ID_THRESHOLDS[backend]
+
+
+def _unit(x: np.ndarray, what: str) -> np.ndarray:
+    """L2-normalise along the last axis; zero or non-finite vectors are an error."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    if not np.all(np.isfinite(norm)) or np.any(norm == 0):
+        raise ValueError(f"{what} contains a zero or non-finite embedding; cannot compute cosine similarity.")
+    return x / norm
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
+    """Cosine similarity: (D,)x(D,) -> float, (N,D)x(D,) -> (N,), (N,D)x(M,D) -> (N,M)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"Embedding sizes differ: {a.shape[-1]} vs {b.shape[-1]} (mixing face backends?).")
+    out = _unit(a, "first argument") @ _unit(b, "second argument").T
+    return float(out) if np.ndim(out) == 0 else out
+
+
+@dataclass
+class IdentityResult:
+    """Similarities of one identity's generated images to its ground truth."""
+
+    name: str
+    sims: list[float | None]  # one per image; None = no face found
+    mean: float  # mean over images, no face counted as 0
+    max: float  # max over images, no face counted as 0
+    no_face: int  # number of images without a face
+
+    @property
+    def n_images(self) -> int:
+        """Number of generated images for this identity."""
+        return len(self.sims)
+
+
+def identity_scores(embs_per_image: list[np.ndarray | None], gt: np.ndarray, name: str = "") -> IdentityResult:
+    """Cosine of each image's face embedding to `gt`; an image without a face (None) counts as similarity 0."""
+    if len(embs_per_image) == 0:
+        raise ValueError(f"Identity '{name}' has no images to score.")
+    gt = np.asarray(gt).ravel()
+    sims: list[float | None] = [None if e is None else cosine(np.asarray(e).ravel(), gt) for e in embs_per_image]
+    counted = [0.0 if s is None else s for s in sims]
+    return IdentityResult(
+        name=name,
+        sims=sims,
+        mean=float(np.mean(counted)),
+        max=float(np.max(counted)),
+        no_face=sum(s is None for s in sims),
+    )
+
+
+def summarize(results: list[IdentityResult], threshold: float) -> dict:
+    """Aggregate numbers over identities.
+
+    - mean_of_mean, mean_of_max: the original APL's two numbers (mean over identities; no face = 0).
+    - id_accuracy: fraction of images *with a detected face* whose similarity >= threshold. Images without a face
+      are left out so this measures how often a visible face is still the person; the no-face rate is reported
+      beside it so that "no face at all" cannot pass for anonymisation.
+    - id_accuracy_all_images: the same count over all images (a no-face image counts as not recognised).
+    """
+    if not results:
+        raise ValueError("No identity results to summarise.")
+    all_sims = [s for r in results for s in r.sims]
+    face_sims = [s for s in all_sims if s is not None]
+    hits = sum(s >= threshold for s in face_sims)
+    n_images = len(all_sims)
+    return {
+        "mean_of_mean": float(np.mean([r.mean for r in results])),
+        "mean_of_max": float(np.mean([r.max for r in results])),
+        "id_accuracy": (hits / len(face_sims)) if face_sims else None,
+        "id_accuracy_all_images": hits / n_images,
+        "no_face_rate": (n_images - len(face_sims)) / n_images,
+        "threshold": float(threshold),
+        "n_identities": len(results),
+        "n_images": n_images,
+        "n_faces": len(face_sims),
+    }
+
+
+def load_ground_truth(npy_path: str | Path, names_path: str | Path) -> dict[str, np.ndarray]:
+    """Read a group of ground-truth embeddings: an (N, D) .npy and a text file with N names, one per line."""
+    npy_path, names_path = Path(npy_path), Path(names_path)
+    for p, what in ((npy_path, "ground-truth embeddings (.npy)"), (names_path, "ground-truth names file")):
+        if not p.is_file():
+            raise FileNotFoundError(f"The {what} {p} does not exist.")
+    try:
+        embs = np.load(npy_path, allow_pickle=False)  # never unpickle objects from a data file
+    except ValueError as err:
+        raise ValueError(f"{npy_path} is not a plain numeric .npy array ({err}).") from err
+    if embs.ndim == 1:
+        embs = embs[None, :]
+    if embs.ndim != 2 or not np.issubdtype(embs.dtype, np.number):
+        raise ValueError(f"{npy_path} must hold an (N, D) numeric array of embeddings, got shape {embs.shape}.")
+    # Blank lines (e.g. a trailing newline) are not names.
+    names = [line.strip() for line in names_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(names) != embs.shape[0]:
+        raise ValueError(
+            f"Ground truth mismatch: {npy_path} has {embs.shape[0]} embeddings but {names_path} has {len(names)} "
+            f"names. Line i of the names file must name row i of the array."
+        )
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{names_path} lists these names more than once: {dupes}.")
+    unit = _unit(embs, str(npy_path)).astype(np.float32)
+    return dict(zip(names, unit, strict=True))
+
+
+def save_ground_truth(gt: dict[str, np.ndarray], npy_path: str | Path, names_path: str | Path) -> None:
+    """Write ground truth in the group format read by load_ground_truth (atomic writes)."""
+    names = list(gt)
+    if not names:
+        raise ValueError("No ground-truth embeddings to save.")
+    if any("\n" in n for n in names):
+        raise ValueError("Identity names must not contain newlines.")
+    buf = io.BytesIO()
+    np.save(buf, np.stack([np.asarray(gt[n], dtype=np.float32).ravel() for n in names]))
+    _atomic_write(npy_path, buf.getvalue())
+    _atomic_write(names_path, ("\n".join(names) + "\n").encode("utf-8"))
+
+
+def _identity_images(folder: Path) -> dict[str, list[Path]]:
+    """Map identity -> reference images: `<Name>-<k>.<ext>` files (name before the last '-') and `<Name>/` folders."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
+            groups[entry.name].extend(list_images(entry, recursive=True))
+        elif is_image_file(entry):
+            stem = entry.stem
+            groups[stem.rsplit("-", 1)[0] if "-" in stem else stem].append(entry)
+    return dict(groups)
+
+
+def ground_truth_from_folder(
+    folder: str | Path, backend: FaceBackend, report: LoadReport | None = None
+) -> dict[str, np.ndarray]:
+    """Ground truth from reference photos: per identity, the re-normalised mean of its detected-face embeddings.
+
+    Unreadable files and images without a face are skipped and recorded in `report`; an identity with no usable
+    face is left out (recorded in report.empty_identities) so that the caller can say which people are missing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Reference photo folder {folder} does not exist.")
+    report = report if report is not None else LoadReport()
+    groups = _identity_images(folder)
+    if not groups:
+        raise ValueError(f"No images in {folder}: expected <Name>-<k>.png files or <Name>/ subfolders of images.")
+    gt: dict[str, np.ndarray] = {}
+    for name, paths in groups.items():
+        embs = []
+        for path in paths:
+            try:
+                image = load_image_rgb(path)
+            except ImageReadError as err:
+                logger.warning("Skipping %s", err)
+                report.unreadable.append(str(path))
+                continue
+            report.loaded += 1
+            emb = backend.embed(image)
+            if emb is None:
+                report.no_face.append(str(path))
+                continue
+            embs.append(np.asarray(emb, dtype=np.float64).ravel())
+        if not embs:
+            logger.warning("No face found in any reference image of '%s'; it has no ground truth.", name)
+            report.empty_identities.append(name)
+            continue
+        gt[name] = _unit(np.mean(embs, axis=0), f"mean embedding of '{name}'").astype(np.float32)
+    return gt
+
+
+def _atomic_write(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.6f}"
+
+
+def write_identity_csv(results: list[IdentityResult], path: str | Path) -> None:
+    """Per-identity table: name, n_images, no_face, mean, max, and the per-image similarities (';'-separated)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", "n_images", "no_face", "mean", "max", "sims"])
+    for r in results:
+        writer.writerow([r.name, r.n_images, r.no_face, _fmt(r.mean), _fmt(r.max), ";".join(_fmt(s) for s in r.sims)])
+    _atomic_write(path, buf.getvalue().encode("utf-8"))
+
+
+def _jsonable(x):
+    """Turn numpy scalars/arrays into JSON types; NaN/inf become null rather than invalid JSON."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_summary_json(summary: dict, path: str | Path) -> None:
+    """Write a summary dict as indented JSON (atomic)."""
+    text = json.dumps(_jsonable(summary), indent=2, sort_keys=False)
+    _atomic_write(path, (text + "\n").encode("utf-8"))
+
+
+@dataclass
+class IdentityTable:
+    """Collects per-image embeddings while images are generated, then scores them against ground truth."""
+
+    gt: dict[str, np.ndarray]
+    embs: dict[str, list[np.ndarray | None]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, name: str, emb: np.ndarray | None) -> None:
+        """Record one generated image of `name` (None = no face)."""
+        if name not in self.gt:
+            raise KeyError(f"No ground-truth embedding for '{name}'. Known identities: {sorted(self.gt)[:10]}...")
+        self.embs[name].append(emb)
+
+    def results(self) -> list[IdentityResult]:
+        """One IdentityResult per identity that has images, in the order they were first added."""
+        return [identity_scores(e, self.gt[n], name=n) for n, e in self.embs.items()]

@@ -1,0 +1,1 @@
+"""Command-line argument parsers shared by the APL scripts."""
