@@ -23,8 +23,12 @@ from ldm.models.diffusion.ddpm import SCHEDULE_KEYS, LatentDiffusion, schedule_t
 from ldm.util import instantiate_from_config, load_config
 
 # Keys that real SD v1 files carry beyond the model's tensors; tolerated by name, never loaded.
-TOLERATED = (re.compile(r"^model_ema\."), re.compile(r"(^|\.)position_ids$"), re.compile(r"^logvar$"),
-             re.compile(r"^lvlb_weights$"))
+TOLERATED = (
+    re.compile(r"^model_ema\."),
+    re.compile(r"(^|\.)position_ids$"),
+    re.compile(r"^logvar$"),
+    re.compile(r"^lvlb_weights$"),
+)
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -70,12 +74,15 @@ def _fmt_keys(keys, n: int = 5) -> str:
 def _check_path(path: Path) -> None:
     if path.is_dir():
         if (path / "model_index.json").exists() or (path / "unet").is_dir():
-            raise CheckpointError(f"{path} is a diffusers model folder; APL reads single-file SD v1 checkpoints "
-                                  "(.ckpt or .safetensors, e.g. v1-5-pruned-emaonly.ckpt).")
+            raise CheckpointError(
+                f"{path} is a diffusers model folder; APL reads single-file SD v1 checkpoints "
+                "(.ckpt or .safetensors, e.g. v1-5-pruned-emaonly.ckpt)."
+            )
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .ckpt/.safetensors file itself.")
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path} (download e.g. v1-5-pruned-emaonly.ckpt and pass its "
-                              "path with --ckpt_path)")
+        raise CheckpointError(
+            f"checkpoint not found: {path} (download e.g. v1-5-pruned-emaonly.ckpt and pass its path with --ckpt_path)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path} is not a regular file.")
     if path.stat().st_size == 0:
@@ -93,10 +100,13 @@ def _read_pickle(path: Path) -> object:
         raise CheckpointError(
             f"refused to load {path}: it holds a pickled callable or object{what} that would run code when "
             "unpickled, and APL never executes code from weight files. Use a .safetensors copy of the model, "
-            "or convert this file to .safetensors yourself only if you trust its source.") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({e}). "
-                              "Download it again and compare its size/hash with the source.") from e
+            "or convert this file to .safetensors yourself only if you trust its source."
+        ) from e
+    except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({e}). "
+            "Download it again and compare its size/hash with the source."
+        ) from e
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -124,7 +134,7 @@ def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Some SD v1 fine-tunes were saved with an older transformers CLIP that lacked the `text_model.` level."""
     old = "cond_stage_model.transformer."
     if any(k.startswith(old + "encoder.") for k in sd) and not any(k.startswith(old + "text_model.") for k in sd):
-        sd = {(old + "text_model." + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
+        sd = {(old + "text_model." + k[len(old) :] if k.startswith(old) else k): v for k, v in sd.items()}
     return sd
 
 
@@ -140,10 +150,14 @@ def guess_cause(keys: set[str], shape_of: Mapping[str, tuple] | None = None) -> 
         return "this looks like an SD 2.x checkpoint (1024-d text context); APL needs SD v1.x (768-d)."
     if any("lora" in k.lower() for k in keys):
         return "this looks like a LoRA file; load the base SD v1.x checkpoint instead (merge LoRAs elsewhere)."
-    if keys & {"string_to_param", "string_to_token", "emb_params"} or any(k.startswith("string_to_param") for k in keys):
+    if keys & {"string_to_param", "string_to_token", "emb_params"} or any(
+        k.startswith("string_to_param") for k in keys
+    ):
         return "this looks like a textual-inversion/APL embedding file; pass it as the embedding, not the model."
     if any(k.startswith(("down_blocks.", "unet.", "text_encoder.", "time_embedding.", "mid_block.")) for k in keys):
-        return "this looks like diffusers-format weights; APL reads single-file SD v1 checkpoints (.ckpt/.safetensors)."
+        return (
+            "this looks like diffusers-format weights; APL reads single-file SD v1 checkpoints (.ckpt/.safetensors)."
+        )
     if any(k.startswith(("encoder.", "decoder.")) for k in keys) and not any(k.startswith("model.") for k in keys):
         return "this looks like a VAE-only file; use a full SD v1.x checkpoint."
     if len(keys) <= 4:
@@ -151,8 +165,9 @@ def guess_cause(keys: set[str], shape_of: Mapping[str, tuple] | None = None) -> 
     return "it is not an SD v1.x checkpoint for this config (wrong model or wrong config?)."
 
 
-def check_state_dict(model: LatentDiffusion, sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     schedule_rtol: float = 1e-3) -> dict[str, torch.Tensor]:
+def check_state_dict(
+    model: LatentDiffusion, sd: Mapping[str, torch.Tensor], path: str | os.PathLike, schedule_rtol: float = 1e-3
+) -> dict[str, torch.Tensor]:
     """Strictly compare a file's tensors with the model; return the tensors to load (schedule excluded)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     keys = set(sd)
@@ -170,13 +185,18 @@ def check_state_dict(model: LatentDiffusion, sd: Mapping[str, torch.Tensor], pat
         detail = "; ".join(f"{k}: file {list(shapes[k])} vs model {list(expected[k])}" for k in sorted(wrong)[:3])
         problems.append(f"wrong shapes for {len(wrong)} tensors ({detail}{' ...' if len(wrong) > 3 else ''})")
     if problems:
-        raise CheckpointError(f"{path} does not match the model config: " + "; ".join(problems)
-                              + f". Likely cause: {guess_cause(keys, shapes)}")
+        raise CheckpointError(
+            f"{path} does not match the model config: "
+            + "; ".join(problems)
+            + f". Likely cause: {guess_cause(keys, shapes)}"
+        )
     ref = schedule_tensors(model.num_timesteps, model.linear_start, model.linear_end)
     for k in SCHEDULE_KEYS:
         if k in sd and not torch.allclose(sd[k].double(), ref[k].double(), rtol=schedule_rtol, atol=1e-6):
-            raise CheckpointError(f"{path}: schedule buffer {k!r} disagrees with the config (timesteps/linear_start/"
-                                  "linear_end); this checkpoint was trained with another noise schedule.")
+            raise CheckpointError(
+                f"{path}: schedule buffer {k!r} disagrees with the config (timesteps/linear_start/"
+                "linear_end); this checkpoint was trained with another noise schedule."
+            )
     return {k: v for k, v in sd.items() if k in expected and k not in SCHEDULE_KEYS}
 
 
@@ -190,8 +210,12 @@ def build_model(config: Mapping | str | os.PathLike, device: str | torch.device 
     return model
 
 
-def load_model(config: Mapping | str | os.PathLike, ckpt_path: str | os.PathLike | None,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+def load_model(
+    config: Mapping | str | os.PathLike,
+    ckpt_path: str | os.PathLike | None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LatentDiffusion:
     """Build the model of `config` and load `ckpt_path` strictly; frozen, eval mode, weights in `dtype`.
 
     `ckpt_path=None` gives random weights (tests, the tiny demo)."""
@@ -223,13 +247,21 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(model_or_sd: torch.nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,
-                    dtype: torch.dtype | None = None) -> None:
+def save_checkpoint(
+    model_or_sd: torch.nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write an SD v1 checkpoint atomically: `.safetensors`, or a `.ckpt` holding {'state_dict': ...}."""
     path = Path(path)
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k not in SCHEDULE_KEYS else v)
-          .detach().cpu().contiguous() for k, v in sd.items()}
+    sd = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k not in SCHEDULE_KEYS else v)
+        .detach()
+        .cpu()
+        .contiguous()
+        for k, v in sd.items()
+    }
     if path.suffix.lower() in SAFETENSORS_EXT:
         _atomic_write(path, lambda tmp: save_safetensors(sd, tmp, metadata={"format": "pt"}))
     else:

@@ -41,8 +41,10 @@ def instantiate_from_config(config: Mapping) -> Any:
     target = config["target"]
     registry = _registry()
     if target not in registry:
-        raise ConfigError(f"config target {target!r} is not one of APL's model classes ({', '.join(sorted(registry))});"
-                          " APL never imports classes named in a config file. SD v1 configs use exactly these.")
+        raise ConfigError(
+            f"config target {target!r} is not one of APL's model classes ({', '.join(sorted(registry))});"
+            " APL never imports classes named in a config file. SD v1 configs use exactly these."
+        )
     params = config.get("params") or {}
     try:
         return registry[target](**params)

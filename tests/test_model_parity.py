@@ -48,9 +48,16 @@ def diffusers_vae(config: dict, sd: dict, device: str = "cpu") -> DAutoencoderKL
 
 def hf_text_model(model, sd: dict, device: str = "cpu") -> HFCLIPTextModel:
     c = model.cond_stage_model.config
-    cfg = HFCLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.width * c.mlp_ratio,
-                           num_hidden_layers=c.layers, num_attention_heads=c.heads, max_position_embeddings=77,
-                           hidden_act="quick_gelu", layer_norm_eps=c.eps)
+    cfg = HFCLIPTextConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.width,
+        intermediate_size=c.width * c.mlp_ratio,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=c.eps,
+    )
     with torch.device(device):
         hf = HFCLIPTextModel(cfg)
     converted = convert_ldm_clip_checkpoint(sd)
@@ -65,8 +72,10 @@ def test_full_size_layout_matches_sd15_and_diffusers(sd_config):
     """The meta-device model has SD v1.5's 1142 tensors, and diffusers/transformers take them with none left over."""
     model = build_model(sd_config, "meta")
     sd = model.state_dict()
-    parts = {p: sum(k.startswith(p) for k in sd) for p in ("model.diffusion_model.", "first_stage_model.",
-                                                           "cond_stage_model.")}
+    parts = {
+        p: sum(k.startswith(p) for k in sd)
+        for p in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+    }
     assert len(sd) == 1142
     assert parts == {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.": 196}
     assert sum(p.numel() for p in model.model.parameters()) == 859_520_964  # SD v1.5 UNet parameter count
@@ -85,8 +94,9 @@ def _unet_inputs(model, B=2, hw=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 4, hw, hw, generator=g)
     t = torch.tensor([3, 871][:B])
-    ctx = torch.randn(B, 77, model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features,
-                      generator=g)
+    ctx = torch.randn(
+        B, 77, model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features, generator=g
+    )
     return x, t, ctx
 
 

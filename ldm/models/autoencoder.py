@@ -29,8 +29,14 @@ class DiagonalGaussianDistribution:
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder; `lossconfig`/`monitor` of the training config are accepted and ignored."""
 
-    def __init__(self, ddconfig: Mapping, embed_dim: int, lossconfig: Mapping | None = None,
-                 monitor: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        ddconfig: Mapping,
+        embed_dim: int,
+        lossconfig: Mapping | None = None,
+        monitor: str | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__()
         unknown = set(kwargs) - {"ckpt_path", "ignore_keys", "image_key", "colorize_nlabels"}
         if unknown:

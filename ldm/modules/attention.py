@@ -18,8 +18,9 @@ def maybe_checkpoint(fn, *args, enabled: bool) -> torch.Tensor:
 class CrossAttention(nn.Module):
     """Multi-head attention; keys/values come from `context` (cross) or from `x` itself (self)."""
 
-    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
@@ -64,8 +65,9 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention over the text context, then feed-forward."""
 
-    def __init__(self, dim: int, n_heads: int, d_head: int, context_dim: int, dropout: float = 0.0,
-                 checkpoint: bool = False) -> None:
+    def __init__(
+        self, dim: int, n_heads: int, d_head: int, context_dim: int, dropout: float = 0.0, checkpoint: bool = False
+    ) -> None:
         super().__init__()
         self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout)
         self.ff = FeedForward(dim, dropout=dropout)
@@ -85,14 +87,16 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Image-shaped wrapper: GroupNorm, 1x1 conv in, transformer blocks over HW tokens, 1x1 conv out, residual."""
 
-    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, context_dim: int = 768,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, context_dim: int = 768, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         inner = n_heads * d_head
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         self.proj_in = nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, n_heads, d_head, context_dim, dropout) for _ in range(depth))
+            BasicTransformerBlock(inner, n_heads, d_head, context_dim, dropout) for _ in range(depth)
+        )
         self.proj_out = nn.Conv2d(inner, in_channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

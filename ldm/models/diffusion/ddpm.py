@@ -15,17 +15,51 @@ from torch import nn
 from ldm.models.diffusion.ddim import make_beta_schedule
 
 # Names of the 12 schedule buffers stored at the top level of SD v1 checkpoints.
-SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                 "posterior_mean_coef1", "posterior_mean_coef2")
+SCHEDULE_KEYS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
 
 # Training-only keys of the CompVis config: accepted, ignored.
-_IGNORED = {"num_timesteps_cond", "log_every_t", "first_stage_key", "cond_stage_key", "cond_stage_trainable",
-            "monitor", "use_ema", "scheduler_config", "ckpt_path", "ignore_keys", "loss_type", "learn_logvar",
-            "logvar_init", "cond_stage_forward", "concat_mode", "use_positional_encodings", "l_simple_weight",
-            "original_elbo_weight", "v_posterior", "clip_denoised", "load_only_unet", "first_stage_ckpts",
-            "make_it_fit", "reset_ema", "reset_num_ema_updates", "scale_by_std", "unet_trainable"}
+_IGNORED = {
+    "num_timesteps_cond",
+    "log_every_t",
+    "first_stage_key",
+    "cond_stage_key",
+    "cond_stage_trainable",
+    "monitor",
+    "use_ema",
+    "scheduler_config",
+    "ckpt_path",
+    "ignore_keys",
+    "loss_type",
+    "learn_logvar",
+    "logvar_init",
+    "cond_stage_forward",
+    "concat_mode",
+    "use_positional_encodings",
+    "l_simple_weight",
+    "original_elbo_weight",
+    "v_posterior",
+    "clip_denoised",
+    "load_only_unet",
+    "first_stage_ckpts",
+    "make_it_fit",
+    "reset_ema",
+    "reset_num_ema_updates",
+    "scale_by_std",
+    "unet_trainable",
+}
 
 
 def schedule_tensors(timesteps: int, linear_start: float, linear_end: float) -> dict[str, torch.Tensor]:
@@ -41,10 +75,15 @@ def _schedule_tensors(timesteps: int, linear_start: float, linear_end: float) ->
     ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
     values = {
-        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
-        "log_one_minus_alphas_cumprod": (1.0 - ac).log(), "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1).sqrt(), "posterior_variance": post_var,
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - ac).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1).sqrt(),
+        "posterior_variance": post_var,
         "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
         "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
         "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
@@ -71,10 +110,22 @@ class DiffusionWrapper(nn.Module):
 class LatentDiffusion(nn.Module):
     """SD v1 model: `model.diffusion_model` (UNet), `first_stage_model` (VAE), `cond_stage_model` (CLIP text)."""
 
-    def __init__(self, unet_config: Mapping, first_stage_config: Mapping, cond_stage_config: Mapping,
-                 timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012,
-                 scale_factor: float = 0.18215, beta_schedule: str = "linear", parameterization: str = "eps",
-                 conditioning_key: str = "crossattn", channels: int = 4, image_size: int = 64, **kwargs) -> None:
+    def __init__(
+        self,
+        unet_config: Mapping,
+        first_stage_config: Mapping,
+        cond_stage_config: Mapping,
+        timesteps: int = 1000,
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        scale_factor: float = 0.18215,
+        beta_schedule: str = "linear",
+        parameterization: str = "eps",
+        conditioning_key: str = "crossattn",
+        channels: int = 4,
+        image_size: int = 64,
+        **kwargs,
+    ) -> None:
         super().__init__()
         from ldm.util import instantiate_from_config  # late import: util's registry imports this module
 
@@ -82,8 +133,10 @@ class LatentDiffusion(nn.Module):
         if unknown:
             raise ValueError(f"LatentDiffusion: unsupported config keys {sorted(unknown)}.")
         if parameterization != "eps":
-            raise ValueError(f"LatentDiffusion: parameterization {parameterization!r} is not SD v1's 'eps' "
-                             "(v-prediction models are SD 2.x).")
+            raise ValueError(
+                f"LatentDiffusion: parameterization {parameterization!r} is not SD v1's 'eps' "
+                "(v-prediction models are SD 2.x)."
+            )
         if beta_schedule != "linear" or conditioning_key != "crossattn":
             raise ValueError("LatentDiffusion: SD v1 uses beta_schedule 'linear' and conditioning_key 'crossattn'.")
         self.num_timesteps = int(timesteps)
@@ -120,8 +173,10 @@ class LatentDiffusion(nn.Module):
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Forward diffusion q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 4)."""
         noise = torch.randn_like(x_start) if noise is None else noise
-        return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        )
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """eps prediction; `cond` is the (B, 77, 768) context, or CompVis' {'c_crossattn': [context]}/list forms."""

@@ -103,9 +103,20 @@ class _Level(nn.Module):
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> moments (B, 2*z, H/f, W/f) with f = 2**(len(ch_mult)-1)."""
 
-    def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True, dropout: float = 0.0,
-                 **_: object) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        double_z: bool = True,
+        dropout: float = 0.0,
+        **_: object,
+    ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -139,9 +150,19 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent (B, z, h, w) -> image (B, out_ch, h*f, w*f); `up[0]` is the full-resolution level, as in LDM."""
 
-    def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 attn_resolutions: Sequence[int], resolution: int, z_channels: int, dropout: float = 0.0,
-                 **_: object) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        **_: object,
+    ) -> None:
         super().__init__()
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)

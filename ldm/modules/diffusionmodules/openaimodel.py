@@ -26,14 +26,26 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the timestep embedding added in between; 1x1 skip when widths differ."""
 
-    def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
-                 checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float = 0.0,
+        out_channels: int | None = None,
+        checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(32, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
         self.checkpoint = checkpoint
 
@@ -83,8 +95,19 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 # Config keys of the CompVis UNet that do not change the SD v1 architecture (accepted and ignored).
-_IGNORED = {"image_size", "use_fp16", "legacy", "conv_resample", "dims", "use_scale_shift_norm", "resblock_updown",
-            "use_new_attention_order", "num_heads_upsample", "num_classes", "n_embed"}
+_IGNORED = {
+    "image_size",
+    "use_fp16",
+    "legacy",
+    "conv_resample",
+    "dims",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+    "num_heads_upsample",
+    "num_classes",
+    "n_embed",
+}
 
 
 class UNetModel(nn.Module):
@@ -94,16 +117,30 @@ class UNetModel(nn.Module):
     with `set_gradient_checkpointing(True)` (it costs ~30% speed and is only worth it when memory is short).
     """
 
-    def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
-                 attention_resolutions: Sequence[int], channel_mult: Sequence[int] = (1, 2, 4, 4),
-                 num_heads: int = 8, num_head_channels: int = -1, use_spatial_transformer: bool = True,
-                 transformer_depth: int = 1, context_dim: int = 768, dropout: float = 0.0,
-                 use_checkpoint: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        channel_mult: Sequence[int] = (1, 2, 4, 4),
+        num_heads: int = 8,
+        num_head_channels: int = -1,
+        use_spatial_transformer: bool = True,
+        transformer_depth: int = 1,
+        context_dim: int = 768,
+        dropout: float = 0.0,
+        use_checkpoint: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__()
         unknown = set(kwargs) - _IGNORED
         if unknown:
-            raise ValueError(f"UNetModel: unsupported config keys {sorted(unknown)}. "
-                             "APL supports the Stable Diffusion v1.x UNet only (SD 2.x/XL configs are not v1).")
+            raise ValueError(
+                f"UNetModel: unsupported config keys {sorted(unknown)}. "
+                "APL supports the Stable Diffusion v1.x UNet only (SD 2.x/XL configs are not v1)."
+            )
         if kwargs.get("use_scale_shift_norm") or kwargs.get("resblock_updown") or not use_spatial_transformer:
             raise ValueError("UNetModel: use_scale_shift_norm/resblock_updown/non-spatial attention are not SD v1.")
         if kwargs.get("dims", 2) != 2:
@@ -113,12 +150,17 @@ class UNetModel(nn.Module):
         emb_dim = model_channels * 4
 
         def transformer(ch: int) -> SpatialTransformer:
-            heads, d_head = (num_heads, ch // num_heads) if num_head_channels == -1 else (
-                ch // num_head_channels, num_head_channels)
+            heads, d_head = (
+                (num_heads, ch // num_heads)
+                if num_head_channels == -1
+                else (ch // num_head_channels, num_head_channels)
+            )
             return SpatialTransformer(ch, heads, d_head, transformer_depth, context_dim, dropout)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
         skip_channels, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -132,8 +174,9 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, dropout), transformer(ch),
-                                                    ResBlock(ch, emb_dim, dropout))
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, dropout), transformer(ch), ResBlock(ch, emb_dim, dropout)
+        )
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
@@ -145,7 +188,9 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1)
+        )
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute ResBlock/transformer activations in backward to save memory."""

@@ -121,16 +121,26 @@ class FrozenCLIPEmbedder(nn.Module):
     demo is built with `width`/`layers`/`heads`.
     """
 
-    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: str | None = None,
-                 max_length: int = 77, width: int = 768, layers: int = 12, heads: int = 12, **kwargs) -> None:
+    def __init__(
+        self,
+        version: str = "openai/clip-vit-large-patch14",
+        device: str | None = None,
+        max_length: int = 77,
+        width: int = 768,
+        layers: int = 12,
+        heads: int = 12,
+        **kwargs,
+    ) -> None:
         super().__init__()
         if kwargs.keys() - {"freeze", "layer"}:
             raise ValueError(f"FrozenCLIPEmbedder: unsupported config keys {sorted(kwargs)}.")
         if kwargs.get("layer", "last") != "last":
             raise ValueError("FrozenCLIPEmbedder: only layer='last' (SD v1) is supported.")
         if version not in _KNOWN_VERSIONS:
-            raise ValueError(f"FrozenCLIPEmbedder: unknown version {version!r}; SD v1 uses "
-                             "'openai/clip-vit-large-patch14' (SD 2.x uses OpenCLIP ViT-H and is not supported).")
+            raise ValueError(
+                f"FrozenCLIPEmbedder: unknown version {version!r}; SD v1 uses "
+                "'openai/clip-vit-large-patch14' (SD 2.x uses OpenCLIP ViT-H and is not supported)."
+            )
         if max_length != 77:
             raise ValueError("FrozenCLIPEmbedder: max_length must be 77 for SD v1.")
         self.config = CLIPTextConfig(width=width, layers=layers, heads=heads, max_length=max_length)

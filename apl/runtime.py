@@ -1,0 +1,66 @@
+"""What every script needs: device and precision choice, and loading the model named by --config_path/--ckpt_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import load_model
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-sd.yaml"
+SD_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+DEFAULT_CKPT = "models/Stable-diffusion/v1-5-pruned-emaonly.ckpt"
+
+
+class UsageError(ValueError):
+    """Bad command-line input; scripts print it as one line and exit 2."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda:0 when available, else cpu; 'cuda:N' is checked to exist."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise UsageError(f"--device {name}: no CUDA GPU is visible on this machine (use --device cpu)")
+        if (dev.index or 0) >= n:
+            raise UsageError(f"--device {name}: only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
+    return dev
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if device.type == "cpu" and precision == "fp16":
+        raise UsageError("--precision fp16 is not supported on the CPU; use fp32 or bf16")
+    return PRECISIONS[precision]
+
+
+def is_tiny(config_path: str | os.PathLike) -> bool:
+    return Path(config_path).resolve() == TINY_CONFIG.resolve()
+
+
+def load_model_for_cli(
+    config_path: str | os.PathLike,
+    ckpt_path: str | os.PathLike | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+):
+    """The model for a script run. The tiny config without a checkpoint gives seeded random weights (demo/tests)."""
+    if ckpt_path in (None, "", "none") or (is_tiny(config_path) and str(ckpt_path) == DEFAULT_CKPT):
+        if not is_tiny(config_path):
+            raise UsageError(
+                f"--ckpt_path is required with {config_path}: download an SD v1.x checkpoint such as "
+                f"v1-5-pruned-emaonly.ckpt to {DEFAULT_CKPT} (or use --config_path {TINY_CONFIG.relative_to(ROOT)}"
+                " for the random-weight tiny model)"
+            )
+        torch.manual_seed(seed)
+        return load_model(config_path, None, device, dtype)
+    return load_model(config_path, ckpt_path, device, dtype)
