@@ -20,6 +20,14 @@ class UsageError(ValueError):
     """Bad command-line input; scripts print it as one line and exit 2."""
 
 
+def shipped_file(path: str | os.PathLike) -> Path:
+    """A relative path that is not in the working directory but ships with APL (people.tsv, ...) -> APL's copy."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (ROOT / p).exists():
+        return ROOT / p
+    return p
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda:0 when available, else cpu; 'cuda:N' is checked to exist."""
     if name == "auto":

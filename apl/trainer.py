@@ -1,0 +1,391 @@
+"""APL training: learn the `alz` prefix so identity prompts aim at anonymous attributes and others stay put.
+
+Per step (SPEC §4): z_t = q_sample(z_0, t, noise); eps_n = UNet(z_t, t, text(neutral)) without grad;
+eps_p = UNet(z_t, t, text(private, prefix)) with grad; target = eps_n - g * (sg(eps_p) - eps_n);
+loss = MSE(eps_p, target). The original ran a third UNet pass for sg(eps_p); it equals the detached grad pass.
+Only the prefix is trained (Adam). Data parallelism: Lightning Fabric processes, gradients averaged by all-reduce.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from apl.fingerprint import module_fingerprint
+from apl.generated import generate_general_latents
+from apl.images import SkipReport
+from apl.io import atomic_save
+from apl.latent_cache import LatentCache
+from apl.people import load_people, load_templates
+from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, pick_dtype, shipped_file
+from apl.train_data import TrainData, clean_latents, plan_batch, step_noise
+from apl.train_log import TrainLog
+
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    # --- flags of the original APL/ESD train.py ---
+    prompt: str = "APL"  # run name: embeddings/<prompt>-<step>.pt
+    train_method: str = "prefix"  # recorded in the metadata; APL trains only the prefix
+    start_guidance: float = 3.0  # CFG scale for the self-generated general samples
+    negative_guidance: float = 1.0  # g in target = eps_n - g * (sg(eps_p) - eps_n)
+    iterations: int = 1000
+    lr: float = 1e-3
+    config_path: str = "configs/stable-diffusion/v1-inference.yaml"
+    ckpt_path: str | None = DEFAULT_CKPT
+    diffusers_config_path: str | None = None  # set: also export the prefix in diffusers format
+    devices: str = "0"  # GPU ids "0,1" (data-parallel); on CPU the number of processes
+    seperator: str | None = None  # accepted for command-line compatibility (ESD multi-word runs)
+    image_size: int = 512
+    ddim_steps: int = 50  # DDIM steps for self-generated general samples
+    # --- data ---
+    face_dir: str = "data/face"
+    general_dir: str | None = None
+    general_source: str = "auto"  # auto | images | generated
+    people_file: str = "people.tsv"
+    templates_file: str = "templates.txt"
+    prompts_file: str = "prompts.txt"
+    max_general: int | None = None
+    id_ratio: float = 0.5
+    id_target: str = "attributes"  # attributes | empty
+    # --- run ---
+    batch_size: int = 1  # per device
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16: frozen weights
+    seed: int = 42
+    save_every: int = 500
+    plot_every: int = 50
+    outdir: str = "outputs/APL"
+    resume: str | None = None  # path to train_state.pt, or "auto" (outdir/train_state.pt)
+    num_vectors: int = 10
+    placeholder: str = "alz"
+    init_word: str | None = None
+    cache_dir: str = "cache"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    accelerator: str = "auto"  # auto | cuda | cpu
+    num_nodes: int = 1
+    progress: bool = True
+
+
+def _parse_devices(cfg: TrainConfig) -> tuple[str, list[int] | int]:
+    accel = cfg.accelerator
+    if accel == "auto":
+        accel = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        ids = [int(x) for x in str(cfg.devices).replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UsageError(f"--devices {cfg.devices!r}: expected GPU ids like '0' or '0,1'") from None
+    if not ids:
+        raise UsageError("--devices is empty: give GPU ids like '0' or '0,1'")
+    if accel == "cuda":
+        n = torch.cuda.device_count()
+        absent = [i for i in ids if i >= n or i < 0]
+        if absent:
+            have = f"GPUs 0..{n - 1}" if n else "no CUDA GPU"
+            raise UsageError(
+                f"--devices {cfg.devices}: GPU id(s) {absent} do not exist; this machine has {have}"
+                " (check CUDA_VISIBLE_DEVICES, or use --accelerator cpu)"
+            )
+        return accel, ids
+    if accel != "cpu":
+        raise UsageError(f"--accelerator {cfg.accelerator!r}: choose auto, cuda or cpu")
+    # On the CPU, '--devices 2' means two processes; a list '0,1' means as many processes as ids.
+    return accel, (len(ids) if len(ids) > 1 else max(1, ids[0]))
+
+
+def make_fabric(cfg: TrainConfig):
+    from lightning.fabric import Fabric
+
+    accel, devices = _parse_devices(cfg)
+    n = len(devices) if isinstance(devices, list) else devices
+    strategy = "ddp" if n * cfg.num_nodes > 1 else "auto"
+    return Fabric(accelerator=accel, devices=devices, strategy=strategy, num_nodes=cfg.num_nodes, precision="32-true")
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if not 0.0 <= cfg.id_ratio <= 1.0:
+        raise UsageError(f"--id_ratio {cfg.id_ratio}: must be in [0, 1]")
+    if cfg.id_target not in ("attributes", "empty"):
+        raise UsageError(f"--id_target {cfg.id_target!r}: choose attributes or empty")
+    if cfg.general_source not in ("auto", "images", "generated"):
+        raise UsageError(f"--general_source {cfg.general_source!r}: choose auto, images or generated")
+    if cfg.image_size % 8:
+        raise UsageError(f"--image_size {cfg.image_size}: must be a multiple of 8")
+    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.num_vectors < 1 or cfg.save_every < 1:
+        raise UsageError("--iterations, --batch_size, --num_vectors and --save_every must be >= 1")
+
+
+def prepare_data(cfg: TrainConfig, model, fabric, report: SkipReport) -> TrainData:
+    """Scan the data, then cache VAE moments of images / generate general latents (rank 0 first)."""
+    from apl.datasets import caption_only_samples, scan_face_folder, scan_general_folder
+
+    people = load_people(shipped_file(cfg.people_file))
+    templates = load_templates(shipped_file(cfg.templates_file))
+    prompts_file = shipped_file(cfg.prompts_file)
+    faces = scan_face_folder(cfg.face_dir, people, report, Path(cfg.people_file).name) if cfg.id_ratio > 0 else []
+    use_images = cfg.general_source == "images" or (cfg.general_source == "auto" and cfg.general_dir)
+    general = []
+    if cfg.id_ratio < 1:
+        if use_images:
+            if not cfg.general_dir:
+                raise UsageError("--general_source images needs --general_dir")
+            own = Path(cfg.general_dir) / "prompts.txt"  # the laion_<i> layout's captions usually sit beside it
+            use = own if own.is_file() and cfg.prompts_file == TrainConfig.prompts_file else prompts_file
+            general = scan_general_folder(cfg.general_dir, report, use)
+        else:
+            general = caption_only_samples(prompts_file)
+        general = general[: cfg.max_general] if cfg.max_general else general
+    progress = cfg.progress and fabric.is_global_zero
+    device = fabric.device
+
+    def encode_moments(x: torch.Tensor) -> torch.Tensor:
+        post = model.encode_first_stage(x.to(device))
+        return torch.cat([post.mean, post.logvar], dim=1).float().cpu()
+
+    cache = LatentCache(
+        Path(cfg.cache_dir) / "latents", module_fingerprint(model.first_stage_model) + "-moments", cfg.image_size
+    )
+    with fabric.rank_zero_first():
+        enc = cache.encode_all([f.path for f in faces], encode_moments, 8, report, progress) if faces else {}
+        gen_img = (
+            cache.encode_all([g.path for g in general], encode_moments, 8, report, progress)
+            if (general and use_images)
+            else {}
+        )
+        gen_z0 = None
+        if general and not use_images:
+            gen_z0 = generate_general_latents(
+                model,
+                [g.caption for g in general],
+                Path(cfg.cache_dir) / "generated",
+                module_fingerprint(model),
+                steps=cfg.ddim_steps,
+                scale=cfg.start_guidance,
+                size=cfg.image_size,
+                seed=cfg.seed,
+                batch_size=8,
+                progress=progress,
+            )
+    faces = [f for f in faces if f.path in enc]
+    if cfg.id_ratio > 0 and not faces:
+        raise UsageError(f"no readable face images in {cfg.face_dir}:\n{report.summary()}")
+    if use_images:
+        general = [g for g in general if g.path in gen_img]
+        general_latents = torch.stack([gen_img[g.path] for g in general]) if general else None
+    else:
+        general_latents = torch.stack(gen_z0) if gen_z0 else None
+    if cfg.id_ratio < 1 and general_latents is None:
+        raise UsageError(f"no usable general samples:\n{report.summary()}")
+    return TrainData(
+        face_latents=torch.stack([enc[f.path] for f in faces]) if faces else None,
+        face_names=[f.name for f in faces],
+        general_latents=general_latents,
+        general_captions=[g.caption for g in general],
+        people=people,
+        templates=templates,
+        report=report,
+    )
+
+
+def apl_loss(
+    model,
+    em,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    private: list[str],
+    neutral: list[str],
+    negative_guidance: float = 1.0,
+) -> torch.Tensor:
+    """Per-sample APL loss (B,): one no-grad UNet pass on the neutral prompt, one grad pass with the prefix."""
+    with torch.no_grad():
+        eps_n = model.apply_model(z_t, t, model.get_learned_conditioning(neutral)).float()
+    eps_p = model.apply_model(z_t, t, model.get_learned_conditioning(private, embedding_manager=em)).float()
+    target = eps_n - negative_guidance * (eps_p.detach() - eps_n)
+    return ((eps_p - target) ** 2).mean(dim=(1, 2, 3))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _state_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.outdir) / "train_state.pt"
+
+
+def save_state(path: Path, step: int, em, opt, cfg: TrainConfig) -> None:
+    state = {
+        "version": STATE_VERSION,
+        "step": step,
+        "prefix": {k: v.detach().cpu().clone() for k, v in em.string_to_param_dict.items()},
+        "optimizer": opt.state_dict(),
+        "config": asdict(cfg),
+    }
+    atomic_save(lambda p: torch.save(state, p), path)
+
+
+def load_state(path: Path, em, opt, cfg: TrainConfig) -> int:
+    if not path.is_file():
+        raise UsageError(f"--resume: no training state at {path} (it is written every --save_every steps)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged or foreign file: say which and why
+        raise UsageError(f"--resume: cannot read {path} ({e})") from e
+    old = state.get("config", {})
+    for key in ("placeholder", "num_vectors", "seed", "batch_size", "id_ratio", "id_target", "image_size"):
+        if key in old and old[key] != getattr(cfg, key):
+            raise UsageError(
+                f"--resume: {path} was trained with --{key} {old[key]!r}, this run has "
+                f"{getattr(cfg, key)!r}; resume with the same settings"
+            )
+    with torch.no_grad():
+        for k, v in state["prefix"].items():
+            em.string_to_param_dict[k].copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _save_prefix(em, cfg: TrainConfig, step: int, tag: str | None = None) -> Path:
+    emb_dir = Path(cfg.outdir) / "embeddings"
+    stem = f"{cfg.prompt}-{step}" if tag is None else f"{cfg.prompt}-{tag}"
+    base = Path(cfg.ckpt_path).name if cfg.ckpt_path else Path(cfg.config_path).name
+    em.save(emb_dir / f"{stem}.pt", step=step, base_model=base)
+    em.save(emb_dir / f"{stem}.safetensors", step=step, base_model=base)
+    if cfg.diffusers_config_path:
+        em.export_diffusers(emb_dir / f"{stem}-diffusers.safetensors")
+    return emb_dir / f"{stem}.pt"
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training; returns the path of the final `.pt` prefix."""
+    _check_config(cfg)
+    fabric = make_fabric(cfg)
+    fabric.launch()
+    from ldm.modules.embedding_manager import EmbeddingManager
+
+    device = fabric.device
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    model = load_model_for_cli(cfg.config_path, cfg.ckpt_path, device, pick_dtype(precision, device), cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.model.diffusion_model.set_gradient_checkpointing(True)
+    if cfg.compile:
+        model.model.diffusion_model = torch.compile(model.model.diffusion_model)
+    em = EmbeddingManager(
+        model.cond_stage_model,
+        [cfg.placeholder],
+        cfg.num_vectors,
+        [cfg.init_word] if cfg.init_word else None,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    ).to(device)
+    for p in em.embedding_parameters():
+        fabric.broadcast(p.data, src=0)
+    opt = torch.optim.Adam(em.embedding_parameters(), lr=cfg.lr)
+    report = SkipReport()
+    data = prepare_data(cfg, model, fabric, report)
+    rank0 = fabric.is_global_zero
+    if rank0:
+        print(
+            f"APL training: {data.describe()}; {fabric.world_size} process(es) x batch {cfg.batch_size}; "
+            f"weights {precision}, prefix fp32; {'tiny random model' if is_tiny(cfg.config_path) else cfg.ckpt_path}"
+        )
+        if report:
+            print(report.summary())
+
+    start = 0
+    if cfg.resume:
+        start = load_state(_state_path(cfg) if cfg.resume == "auto" else Path(cfg.resume), em, opt, cfg)
+        if rank0:
+            print(f"resumed from step {start}")
+    log = TrainLog(cfg.outdir, start) if rank0 else None
+    world, rank, B = fabric.world_size, fabric.global_rank, cfg.batch_size
+    G = world * B
+    shape = (model.channels, cfg.image_size // 8, cfg.image_size // 8)
+    g = cfg.negative_guidance
+    bar = tqdm(total=cfg.iterations, initial=start, desc="APL", unit="step", disable=not (rank0 and cfg.progress))
+    last_good = [p.detach().clone() for p in em.embedding_parameters()]
+    step = start
+    t_last = time.perf_counter()
+    try:
+        for step in range(start, cfg.iterations):
+            plan = plan_batch(data, step, cfg.seed, G, cfg.id_ratio, cfg.placeholder, cfg.id_target)
+            t_all, noise_all, vae_noise_all = step_noise(cfg.seed, step, G, shape, model.num_timesteps)
+            mine = slice(rank * B, (rank + 1) * B)
+            mplan = plan[mine]
+            z0 = clean_latents(data, mplan, vae_noise_all[mine], model.scale_factor).to(device)
+            t = t_all[mine].to(device)
+            z_t = model.q_sample(z0, t, noise_all[mine].to(device))
+            sample_loss = apl_loss(model, em, z_t, t, [p.private for p in mplan], [p.neutral for p in mplan], g)
+            loss = sample_loss.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in em.embedding_parameters():
+                p.grad = fabric.all_reduce(p.grad, reduce_op="mean")
+            all_loss = fabric.all_gather(sample_loss.detach()).reshape(-1).cpu()  # (G,) in plan order
+            grads_ok = all(torch.isfinite(p.grad).all() for p in em.embedding_parameters())
+            if not (torch.isfinite(all_loss).all() and grads_ok):
+                raise NonFiniteLoss(
+                    f"loss or gradient became non-finite at step {step + 1} "
+                    f"(loss {all_loss.tolist()}, t {t_all.tolist()})"
+                )
+            last_good = [p.detach().clone() for p in em.embedding_parameters()]
+            opt.step()
+            done = step + 1
+            if rank0:
+                now = time.perf_counter()
+                sps = G / max(now - t_last, 1e-9)
+                t_last = now
+                kinds = [p.kind for p in plan]
+                rec = {
+                    "step": done,
+                    "loss": float(all_loss.mean()),
+                    "samples_per_s": round(sps, 3),
+                    "t": t_all.tolist(),
+                    "sample_loss": [round(float(v), 6) for v in all_loss],
+                    "kind": kinds,
+                    "lr": opt.param_groups[0]["lr"],
+                }
+                for kind in ("id", "general"):
+                    v = [float(l_) for l_, k in zip(all_loss, kinds, strict=False) if k == kind]
+                    rec[f"loss_{kind}"] = sum(v) / len(v) if v else None
+                log.add(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", samples_s=f"{sps:.2f}")
+                bar.update()
+                if done % cfg.plot_every == 0:
+                    log.plot(Path(cfg.outdir) / "loss.png")
+            if done % cfg.save_every == 0 or done == cfg.iterations:
+                if rank0:
+                    final = _save_prefix(em, cfg, done)
+                    save_state(_state_path(cfg), done, em, opt, cfg)
+                fabric.barrier()
+    except NonFiniteLoss as e:
+        if rank0:
+            with torch.no_grad():
+                for p, good in zip(em.embedding_parameters(), last_good, strict=False):
+                    p.copy_(good)
+            path = _save_prefix(em, cfg, step, tag=f"{step}-last-good")
+            log.plot(Path(cfg.outdir) / "loss.png")
+            bar.close()
+        raise UsageError(
+            f"{e}. Training stopped; the last prefix with a finite loss was saved as "
+            f"{Path(cfg.outdir) / 'embeddings' / f'{cfg.prompt}-{step}-last-good.pt'}. Try a lower --lr "
+            "or --precision fp32/bf16."
+        ) from None
+    except KeyboardInterrupt:
+        if rank0:
+            bar.close()
+            save_state(_state_path(cfg), step, em, opt, cfg)
+            path = _save_prefix(em, cfg, step)
+            print(f"\ninterrupted: state of step {step} saved; continue with --resume auto ({path})")
+        raise
+    bar.close()
+    if rank0:
+        log.plot(Path(cfg.outdir) / "loss.png")
+        if report:
+            print(report.summary())
+        print(f"done: {cfg.iterations} steps; prefix {final}; log {log.path}; plot {Path(cfg.outdir) / 'loss.png'}")
+    return Path(cfg.outdir) / "embeddings" / f"{cfg.prompt}-{cfg.iterations}.pt"

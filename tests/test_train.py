@@ -1,0 +1,235 @@
+"""APL training on the tiny model: the loss learns, train.py end to end, resume equality, DDP, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+from PIL import Image
+
+import train as train_script
+from apl.trainer import apl_loss
+from ldm.checkpoint import build_model
+from ldm.modules.embedding_manager import EmbeddingManager, read_embedding_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny" / "tiny-sd.yaml")
+
+
+@pytest.fixture(scope="module")
+def strong_tiny_model(tiny_config):
+    """Tiny model with larger random weights, so that its eps depends clearly on the text (PyTorch's default
+    init makes the cross-attention contribution of a random tiny model almost zero)."""
+    return randomize_(build_model(copy.deepcopy(tiny_config)), std=0.15).eval().requires_grad_(False)
+
+
+def test_overfit_fixed_batch(strong_tiny_model):
+    """On a fixed batch the loss falls >= 10x and eps(private) approaches eps(neutral); fails without gradients."""
+    tiny_model = strong_tiny_model
+    em = EmbeddingManager(tiny_model.cond_stage_model, ["alz"], 10, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(em.embedding_parameters(), lr=2e-2)
+    z_t = torch.randn(4, 4, 8, 8)
+    t = torch.tensor([50, 300, 600, 900])
+    private = ["alz A photo of Tom Hanks", "alz a red car", "alz A close-up portrait of Emma Watson", "alz a cat"]
+    neutral = [
+        "A photo of a male person, short brown hair.",
+        "a red car",
+        "A close-up portrait of a female person.",
+        "a cat",
+    ]
+    with torch.no_grad():
+        eps_n = tiny_model.apply_model(z_t, t, tiny_model.get_learned_conditioning(neutral))
+        gap0 = (tiny_model.apply_model(z_t, t, tiny_model.get_learned_conditioning(private, em)) - eps_n).abs().mean()
+    losses = []
+    for _ in range(200):
+        loss = apl_loss(tiny_model, em, z_t, t, private, neutral).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert not any(p.grad is not None for p in tiny_model.parameters())  # only the prefix learns
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    with torch.no_grad():
+        gap = (tiny_model.apply_model(z_t, t, tiny_model.get_learned_conditioning(private, em)) - eps_n).abs().mean()
+    assert gap < gap0 / 3, (gap0, gap)
+
+
+def _faces(folder: Path, names=("Tom Hanks", "Emma Watson"), k=3, size=64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n in names:
+        for i in range(k):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{n}-{i}.png")
+    return folder
+
+
+def _args(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    return [
+        "--config_path",
+        TINY,
+        "--face_dir",
+        str(tmp_path / "faces"),
+        "--outdir",
+        str(tmp_path / out),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--image_size",
+        "64",
+        "--batch_size",
+        "2",
+        "--ddim_steps",
+        "2",
+        "--max_general",
+        "4",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _prefix(path: Path) -> torch.Tensor:
+    return read_embedding_file(path)[1]["alz"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    _faces(tmp / "faces")
+    assert train_script.main(_args(tmp, "full", "--iterations", "6", "--save_every", "3", "--plot_every", "3")) == 0
+    return tmp
+
+
+def test_train_writes_embeddings_plot_and_log(trained):
+    out = trained / "full"
+    for step in (3, 6):
+        assert (out / "embeddings" / f"APL-{step}.pt").is_file()
+        assert (out / "embeddings" / f"APL-{step}.safetensors").is_file()
+    assert _prefix(out / "embeddings" / "APL-6.pt").shape == (10, 32)
+    assert not torch.equal(_prefix(out / "embeddings" / "APL-3.pt"), _prefix(out / "embeddings" / "APL-6.pt"))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and len(r["t"]) == 2 for r in records)
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "train_state.pt").is_file()
+
+
+def test_resume_gives_the_uninterrupted_prefix(trained):
+    assert train_script.main(_args(trained, "part", "--iterations", "3", "--save_every", "3")) == 0
+    assert train_script.main(_args(trained, "part", "--iterations", "6", "--save_every", "3", "--resume", "auto")) == 0
+    full = _prefix(trained / "full" / "embeddings" / "APL-6.pt")
+    assert torch.equal(_prefix(trained / "part" / "embeddings" / "APL-6.pt"), full)
+    steps = [json.loads(line)["step"] for line in (trained / "part" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_general_images_in_metadata_layout(tmp_path):
+    _faces(tmp_path / "faces")
+    gen = tmp_path / "general"
+    gen.mkdir()
+    lines = []
+    for i, mode in enumerate(["L", "CMYK", "RGBA", "I;16"]):  # odd image modes are converted, not skipped
+        arr = np.full((64, 64), 30 * i + 10, dtype=np.uint16 if mode == "I;16" else np.uint8)
+        img = Image.fromarray(arr * (256 if mode == "I;16" else 1)) if mode == "I;16" else Image.fromarray(arr)
+        img = img if mode in ("L", "I;16") else img.convert(mode)
+        name = f"g{i}.{'tif' if mode == 'I;16' else 'png' if mode != 'CMYK' else 'jpg'}"
+        img.save(gen / name)
+        lines.append(json.dumps({"file_name": name, "text": f"a plain picture number {i}"}))
+    (gen / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    lines.append(json.dumps({"file_name": "broken.png", "text": "broken"}))
+    (gen / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert train_script.main(_args(tmp_path, "img", "--general_dir", str(gen), "--iterations", "2")) == 0
+    assert (tmp_path / "img" / "embeddings" / "APL-2.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """2 gloo processes x batch 1 equal 1 process x batch 2 (same global batch plan); prefix identical on ranks."""
+    _faces(tmp_path / "faces")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = [
+        "--config_path",
+        TINY,
+        "--face_dir",
+        str(tmp_path / "faces"),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--image_size",
+        "64",
+        "--ddim_steps",
+        "2",
+        "--max_general",
+        "4",
+        "--iterations",
+        "3",
+        "--accelerator",
+        "cpu",
+        "--no-progress",
+    ]
+    for name, devices, batch in (("one", "1", "2"), ("two", "2", "1")):
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                *common,
+                "--devices",
+                devices,
+                "--batch_size",
+                batch,
+                "--outdir",
+                str(tmp_path / name),
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    one = _prefix(tmp_path / "one" / "embeddings" / "APL-3.pt")
+    two = _prefix(tmp_path / "two" / "embeddings" / "APL-3.pt")
+    # Same global batch; only the reduction order of the gradient mean differs (float32 rounding).
+    assert torch.allclose(one, two, atol=1e-5, rtol=0), (one - two).abs().max()
+
+
+@pytest.mark.parametrize(
+    ("extra", "setup", "message"),
+    [
+        (["--face_dir", "/nonexistent/faces"], None, "/nonexistent/faces"),
+        ([], "empty", "contains no images"),
+        (["--placeholder", "anonymization"], None, "not a single"),
+        (["--accelerator", "cuda", "--devices", "0,7"], None, "--devices 0,7"),
+        (["--general_source", "images", "--general_dir", "GEN"], "uncaptioned", "no caption layout"),
+        (["--people_file", "PEOPLE"], "people", "no usable face images"),
+    ],
+)
+def test_bad_input_messages(tmp_path, capsys, extra, setup, message):
+    faces = _faces(tmp_path / "faces")
+    if setup == "empty":
+        for f in faces.iterdir():
+            f.unlink()
+    if setup == "uncaptioned":
+        (tmp_path / "gen").mkdir()
+        Image.new("RGB", (64, 64)).save(tmp_path / "gen" / "x.png")
+    if setup == "people":
+        (tmp_path / "people.tsv").write_text("Somebody Else\tA male person, short hair.\n")
+    extra = [e.replace("GEN", str(tmp_path / "gen")).replace("PEOPLE", str(tmp_path / "people.tsv")) for e in extra]
+    assert train_script.main(_args(tmp_path, "bad", "--iterations", "1", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error:") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_skips_are_counted_and_reported(tmp_path, capsys):
+    faces = _faces(tmp_path / "faces")
+    (faces / "Tom Hanks-9.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (faces / "Nobody Known-0.png").write_bytes((faces / "Tom Hanks-0.png").read_bytes())
+    assert train_script.main(_args(tmp_path, "skips", "--iterations", "1")) == 0
+    out = capsys.readouterr().out
+    assert "unreadable image" in out and "Tom Hanks-9.png" in out
+    assert "no attribute description for 'Nobody Known'" in out
