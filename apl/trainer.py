@@ -307,7 +307,8 @@ def train(cfg: TrainConfig) -> Path:
     shape = (model.channels, cfg.image_size // 8, cfg.image_size // 8)
     g = cfg.negative_guidance
     bar = tqdm(total=cfg.iterations, initial=start, desc="APL", unit="step", disable=not (rank0 and cfg.progress))
-    last_good = [p.detach().clone() for p in em.embedding_parameters()]
+    # The prefix that last gave a finite loss, and its number of completed steps (restored on a NaN/inf).
+    last_good, last_good_step = [p.detach().clone() for p in em.embedding_parameters()], start
     step = start
     t_last = time.perf_counter()
     try:
@@ -332,7 +333,7 @@ def train(cfg: TrainConfig) -> Path:
                     f"loss or gradient became non-finite at step {step + 1} "
                     f"(loss {all_loss.tolist()}, t {t_all.tolist()})"
                 )
-            last_good = [p.detach().clone() for p in em.embedding_parameters()]
+            last_good, last_good_step = [p.detach().clone() for p in em.embedding_parameters()], step
             opt.step()
             done = step + 1
             if rank0:
@@ -363,17 +364,17 @@ def train(cfg: TrainConfig) -> Path:
                     save_state(_state_path(cfg), done, em, opt, cfg)
                 fabric.barrier()
     except NonFiniteLoss as e:
+        tag = f"{last_good_step}-last-good"
         if rank0:
             with torch.no_grad():
-                for p, good in zip(em.embedding_parameters(), last_good, strict=False):
+                for p, good in zip(em.embedding_parameters(), last_good, strict=True):
                     p.copy_(good)
-            path = _save_prefix(em, cfg, step, tag=f"{step}-last-good")
+            _save_prefix(em, cfg, last_good_step, tag=tag)
             log.plot(Path(cfg.outdir) / "loss.png")
             bar.close()
         raise UsageError(
-            f"{e}. Training stopped; the last prefix with a finite loss was saved as "
-            f"{Path(cfg.outdir) / 'embeddings' / f'{cfg.prompt}-{step}-last-good.pt'}. Try a lower --lr "
-            "or --precision fp32/bf16."
+            f"{e}. Training stopped; the last prefix with a finite loss (after {last_good_step} steps) was saved as "
+            f"{Path(cfg.outdir) / 'embeddings' / f'{cfg.prompt}-{tag}.pt'}. Try a lower --lr or --precision fp32/bf16."
         ) from None
     except KeyboardInterrupt:
         if rank0:

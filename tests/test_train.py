@@ -233,3 +233,37 @@ def test_skips_are_counted_and_reported(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "unreadable image" in out and "Tom Hanks-9.png" in out
     assert "no attribute description for 'Nobody Known'" in out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_prefix(tmp_path, capsys, monkeypatch):
+    import apl.trainer as trainer
+
+    _faces(tmp_path / "faces")
+    real, calls = trainer.apl_loss, {"n": 0}
+
+    def loss_that_breaks(*a, **kw):
+        calls["n"] += 1
+        out = real(*a, **kw)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(trainer, "apl_loss", loss_that_breaks)
+    assert train_script.main(_args(tmp_path, "nan", "--iterations", "5", "--save_every", "1")) == 2
+    err = capsys.readouterr().err
+    # Step 3 ran with the prefix after 2 updates and gave NaN: the prefix after 1 update is the last known good one.
+    assert "non-finite at step 3" in err and "APL-1-last-good.pt" in err and "Traceback" not in err
+    emb = tmp_path / "nan" / "embeddings"
+    assert torch.equal(_prefix(emb / "APL-1-last-good.pt"), _prefix(emb / "APL-1.pt"))
+    assert not (emb / "APL-3.pt").exists()
+
+
+def test_export_cli(trained, tmp_path):
+    import export_prefix
+
+    src = trained / "full" / "embeddings" / "APL-6.pt"
+    assert export_prefix.main([str(src), "--format", "a1111", "--out", str(tmp_path / "APL.pt")]) == 0
+    a1111 = torch.load(tmp_path / "APL.pt", weights_only=True)
+    assert torch.equal(a1111["string_to_param"]["*"], _prefix(src)) and a1111["name"] == "APL"
+    assert export_prefix.main([str(src), "--format", "diffusers", "--out", str(tmp_path / "d.safetensors")]) == 0
+    assert (
+        export_prefix.main([str(tmp_path / "missing.pt"), "--format", "a1111", "--out", str(tmp_path / "x.pt")]) == 2
+    )
