@@ -16,8 +16,10 @@ SD_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    torch.set_num_threads(2)
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and OpenMP's spin-waiting makes two threads many times slower
+    # whenever another process shares the 2 cores. Full-size tests ask for more threads themselves.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ reading of the checkpoint layout, so both key naming and numerics are checked.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -139,6 +140,7 @@ def test_text_encoder_matches_transformers_tiny(tiny_model):
 @pytest.mark.slow
 def test_full_size_parity(sd_config):
     """One full-size check of each part with random SD v1.5-size weights (CPU, small spatial size)."""
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
     torch.manual_seed(0)
     model = randomize_(build_model(copy.deepcopy(sd_config)), std=0.02).eval().requires_grad_(False)
     sd = model.state_dict()
