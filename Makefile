@@ -17,7 +17,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 # Train an `alz` prefix on the random-weight tiny model with the shipped people/templates/prompts files and
 # self-generated general samples, then draw with and without it. Outputs in outputs/demo/.
 demo: $(STAMP)
-	$(PY) scripts/make_demo_faces.py --out outputs/demo/faces
+	$(PY) dataset_generation.py --config_path configs/tiny/tiny-sd.yaml --names "Tom Hanks" "Emma Watson" \
+		--n_samples 4 --steps 10 --outdir outputs/demo/faces
 	$(PY) train.py --config_path configs/tiny/tiny-sd.yaml --face_dir outputs/demo/faces \
 		--outdir outputs/demo --iterations 60 --batch_size 4 --image_size 64 --ddim_steps 10 \
 		--max_general 24 --save_every 30

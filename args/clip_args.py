@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from apl.eval.id_metrics import DEFAULT_ID_THRESHOLDS
 from apl.eval.quality import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, INCEPTION_ENV, INCEPTION_FILE
+
+# Flag groups a script can ask for; build_parser() without `groups` adds the first six (the original set).
+GROUPS = ("model", "prefix", "generation", "quality", "identity", "id_metric", "people", "ground_truth")
+DEFAULT_GROUPS = ("model", "prefix", "generation", "quality", "identity", "id_metric")
 
 
 def _positive_int(text: str) -> int:
@@ -22,10 +27,7 @@ def _unit_float(text: str) -> float:
     return value
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser with the shared evaluation flags; scripts add their own flags to it."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
+def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--ckpt_path",
@@ -35,35 +37,61 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument(
         "--config_path",
         default="configs/stable-diffusion/v1-inference.yaml",
-        help="Model config in the CompVis format (target/params).",
-    )
-    g.add_argument(
-        "--embedding",
-        default=None,
-        help="Learned APL prefix file (.pt or .safetensors), e.g. embeddings/APL-v1.1-9999.pt. "
-        "Required unless --mode without.",
+        help="Model config in the CompVis format (target/params); configs/tiny/tiny-sd.yaml without a checkpoint "
+        "gives a random-weight tiny model for trying the script out.",
     )
     g.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="Weights/compute dtype.")
     g.add_argument(
         "--device", default="auto", help="Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'."
     )
 
-    g = p.add_argument_group("generation")
-    g.add_argument("--prompts_file", default=None, help="Text file with one prompt (or identity name) per line.")
-    g.add_argument("--outdir", default="outputs/eval", help="Folder for generated images, tables and summaries.")
-    g.add_argument("--n_samples", type=_positive_int, default=4, help="Images generated per prompt / identity.")
-    g.add_argument("--batch_size", type=_positive_int, default=4, help="Images per sampling batch.")
-    g.add_argument("--steps", type=_positive_int, default=20, help="DDIM sampling steps.")
-    g.add_argument("--scale", type=float, default=7.0, help="Classifier-free guidance scale.")
-    g.add_argument("--seed", type=int, default=2238, help="Random seed (the original APL evaluation used 2238).")
+
+def _add_prefix(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("APL prefix")
+    g.add_argument(
+        "--embedding",
+        default=None,
+        help="Learned APL prefix file (.pt or .safetensors), e.g. embeddings/APL-v1.1-9999.pt. "
+        "Required unless --mode without.",
+    )
     g.add_argument(
         "--mode",
         choices=("with", "without", "both"),
         default="both",
         help="Generate with the APL prefix ('alz ...'), without it, or both for a side-by-side comparison.",
     )
+    g.add_argument(
+        "--placeholder",
+        default=None,
+        help="Placeholder word put in front of the prompts for 'with' images; if unset, the embedding file's own "
+        "placeholder (alz for APL files).",
+    )
 
+
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--outdir", default="outputs/eval", help="Folder for generated images, tables and summaries.")
+    g.add_argument("--n_samples", type=_positive_int, default=4, help="Images generated per prompt / identity.")
+    g.add_argument("--batch_size", type=_positive_int, default=4, help="Images per sampling batch.")
+    g.add_argument("--steps", type=_positive_int, default=20, help="DDIM sampling steps.")
+    g.add_argument("--scale", type=float, default=7.0, help="Classifier-free guidance scale.")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=2238,
+        help="Base random seed (the original APL evaluation used 2238); every image's own seed is derived from it "
+        "and the image's prompt/identity and index, so results do not depend on --batch_size.",
+    )
+    g.add_argument(
+        "--negative_prompt",
+        default="",
+        help="Unconditional (negative) prompt for classifier-free guidance; it never carries the prefix.",
+    )
+
+
+def _add_quality(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CLIP score and FID")
+    g.add_argument("--prompts_file", default=None, help="Text file with one prompt per line.")
     g.add_argument(
         "--clip_model",
         default=DEFAULT_CLIP_MODEL,
@@ -83,6 +111,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help=f"Path to the FID Inception weights {INCEPTION_FILE}; if unset, ${INCEPTION_ENV} is used.",
     )
 
+
+def _add_identity(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("face identity")
     g.add_argument(
         "--face_backend",
@@ -107,6 +137,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         default=256,
         help="Face detector input size in pixels (square; multiple of 32).",
     )
+
+
+def _add_id_metric(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("identity metric")
     defaults = ", ".join(f"{k} {v}" for k, v in DEFAULT_ID_THRESHOLDS.items())
     g.add_argument(
         "--id_threshold",
@@ -114,6 +148,66 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help=f"Cosine similarity at or above which a face counts as the person; if unset, per backend: {defaults}.",
     )
+
+
+def _add_people(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("identities")
+    g.add_argument(
+        "--names",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="Identity names, each quoted (e.g. --names 'Tom Hanks' 'Emma Watson'); overrides --people_file.",
+    )
+    g.add_argument(
+        "--people_file",
+        default=None,
+        help="People file ('Name<TAB>attribute description' lines, like people.tsv); its names are the identities.",
+    )
+
+
+def _add_ground_truth(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ground truth (one of --gt_npy or --gt_folder)")
+    g.add_argument(
+        "--gt_npy",
+        default=None,
+        help="Ground-truth identity embeddings: an (N, D) .npy whose row i belongs to line i of --gt_names "
+        "(dataset_generation.py --gt_npy writes this pair). Must come from the same --face_backend.",
+    )
+    g.add_argument(
+        "--gt_names",
+        default=None,
+        help="Text file naming the rows of --gt_npy, one name per line; if unset, <gt_npy without .npy>_names.txt.",
+    )
+    g.add_argument(
+        "--gt_folder",
+        default=None,
+        help="Folder of reference photos (<Name>-<k>.jpg files or <Name>/ subfolders); each person's ground truth "
+        "is the mean embedding of the faces found in them.",
+    )
+
+
+_ADDERS = {
+    "model": _add_model,
+    "prefix": _add_prefix,
+    "generation": _add_generation,
+    "quality": _add_quality,
+    "identity": _add_identity,
+    "id_metric": _add_id_metric,
+    "people": _add_people,
+    "ground_truth": _add_ground_truth,
+}
+
+
+def build_parser(description: str | None = None, groups: Sequence[str] = DEFAULT_GROUPS) -> argparse.ArgumentParser:
+    """An ArgumentParser with the shared evaluation flags of `groups`; scripts add their own flags to it."""
+    unknown = [g for g in groups if g not in _ADDERS]
+    if unknown:
+        raise ValueError(f"Unknown flag groups {unknown}; choose from {', '.join(GROUPS)}.")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name in GROUPS:  # a fixed order, so --help reads the same in every script
+        if name in groups:
+            _ADDERS[name](p)
     return p
 
 

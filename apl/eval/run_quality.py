@@ -1,0 +1,173 @@
+"""test_fid_clip_score.py's work: images for a prompt file with/without the prefix, CLIP score and FID.
+
+The CLIP score of every image is taken against its prompt *without* the placeholder (what the user asked for), so
+the 'with' and 'without' numbers are comparable. FID compares each set with real photos (--fid_ref) and the two
+generated sets with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from apl.eval.generation import (
+    Job,
+    generate,
+    load_model_and_prefix,
+    modes_for,
+    require_embedding,
+    shipped,
+    with_prefix,
+)
+from apl.eval.id_metrics import write_summary_json
+from apl.eval.images import LoadReport
+from apl.eval.quality import (
+    ClipScorer,
+    build_fid,
+    clip_score_summary,
+    fid_between,
+    load_image_folder,
+    strip_placeholder,
+)
+from apl.io import atomic_write_text
+from apl.people import load_indexed_prompts, load_prompts
+from apl.runtime import UsageError, pick_device
+
+DEFAULT_PROMPTS = "prompts_person.txt"  # ships with the repository: everyday captions of people
+
+
+def prompt_pair(line: str, placeholder: str) -> tuple[str, str]:
+    """(prompt with the prefix, prompt without it) for one line of the prompts file, which may already hold it."""
+    clean = strip_placeholder(line, placeholder)
+    return with_prefix(line, placeholder), clean
+
+
+def plan_quality(
+    prompts: list[str], modes: list[str], n: int, seed: int, placeholder: str | None, outdir: Path
+) -> dict[str, list[tuple[Job, int, int, str]]]:
+    """Per mode: (job, prompt index, sample index, clean prompt); image k of prompt i has one seed in both modes."""
+    plans: dict[str, list[tuple[Job, int, int, str]]] = {}
+    for mode in modes:
+        rows = []
+        for i, line in enumerate(prompts):
+            with_p, clean = prompt_pair(line, placeholder or "alz")
+            prompt = with_p if mode == "with" else clean
+            for k in range(n):
+                job = Job(prompt, seed + i * n + k, outdir / "images" / mode / f"{i:05d}-{k}.png")
+                rows.append((job, i, k, clean))
+        plans[mode] = rows
+    return plans
+
+
+def _load_reference(folder: str) -> tuple[list[Image.Image], LoadReport]:
+    if not Path(folder).is_dir():
+        raise UsageError(f"--fid_ref {folder} does not exist or is not a folder of real images")
+    report = LoadReport()
+    images = load_image_folder(folder, report)
+    if len(images) < 2:
+        raise ValueError(f"--fid_ref {folder} has {len(images)} readable images ({len(report.unreadable)} "
+                         "unreadable); FID needs at least 2 (thousands for a meaningful number)")
+    return images, report
+
+
+def run_quality(args: argparse.Namespace, fid_feature: str | torch.nn.Module = "inception") -> dict:
+    """Generate, score and write `clip_scores.csv` + `summary.json` into --outdir; returns the summary.
+
+    `fid_feature` is "inception" (the standard FID, weights from --inception_weights) or a feature module.
+    """
+    prompts_file = shipped(args.prompts_file or DEFAULT_PROMPTS)
+    prompts = load_prompts(prompts_file)  # raises for a file without captions
+    empty = sum(1 for caption in load_indexed_prompts(prompts_file).values() if not caption)
+    modes = modes_for(args.mode)
+    require_embedding(args.mode, args.embedding)
+    device = str(pick_device(args.device))
+    outdir = Path(args.outdir)
+    summary: dict = {"script": "test_fid_clip_score.py", "prompts_file": prompts_file, "n_prompts": len(prompts),
+                     "empty_prompts": empty, "settings": _settings(args), "clip": {}, "fid": {}, "notes": []}
+    if empty:
+        summary["notes"].append(f"{empty} empty prompt line(s) in {prompts_file} skipped")
+
+    # Everything that can be missing is loaded before the first image is generated.
+    scorer = None if args.skip_clip else ClipScorer(args.clip_model, args.clip_pretrained, device=device)
+    want_fid = not args.skip_fid and (args.fid_ref is not None or len(modes) == 2)
+    if not args.skip_fid and not want_fid:
+        summary["notes"].append("FID skipped: give --fid_ref DIR or --mode both")
+    if want_fid and len(prompts) * args.n_samples < 2:
+        raise UsageError(f"FID needs at least 2 generated images per set; {len(prompts)} prompt(s) x --n_samples "
+                         f"{args.n_samples} gives fewer (raise --n_samples or pass --skip_fid)")
+    fid = build_fid(fid_feature, args.inception_weights, device=device) if want_fid else None
+    ref: list[Image.Image] = []
+    if want_fid and args.fid_ref:
+        ref, ref_report = _load_reference(args.fid_ref)
+        summary["fid_ref"] = {"folder": args.fid_ref, "images": len(ref), "unreadable": len(ref_report.unreadable),
+                              "unreadable_files": ref_report.unreadable}
+
+    gen = load_model_and_prefix(args.config_path, args.ckpt_path, args.device, args.precision,
+                                embedding=args.embedding if "with" in modes else None,
+                                placeholder=args.placeholder, seed=args.seed)
+    plans = plan_quality(prompts, modes, args.n_samples, args.seed, gen.placeholder, outdir)
+    images: dict[str, list[Image.Image]] = {}
+    for mode, rows in plans.items():
+        made: dict[Path, Image.Image] = {}
+        generate(gen, [r[0] for r in rows], batch_size=args.batch_size, steps=args.steps, scale=args.scale,
+                 negative_prompt=args.negative_prompt, desc=f"{mode} prefix",
+                 on_image=lambda job, im, made=made: made.__setitem__(job.path, im))
+        images[mode] = [made[r[0].path] for r in rows]
+
+    cosines: dict[str, list[float]] = {}
+    if scorer is not None:
+        for mode, rows in plans.items():
+            cos = scorer.score(images[mode], [r[3] for r in rows], batch_size=args.batch_size)
+            cosines[mode] = cos.tolist()
+            summary["clip"][mode] = clip_score_summary(cos)
+        summary["clip"]["model"] = f"{args.clip_model} / {args.clip_pretrained}"
+    if fid is not None:
+        if ref:
+            for mode in modes:
+                summary["fid"][f"ref_vs_{mode}"] = fid_between(fid, ref, images[mode], batch_size=args.batch_size)
+        if len(modes) == 2:
+            summary["fid"]["without_vs_with"] = fid_between(fid, images["without"], images["with"],
+                                                            batch_size=args.batch_size)
+
+    _write_csv(plans, cosines, outdir / "clip_scores.csv", outdir)
+    write_summary_json(summary, outdir / "summary.json")
+    return summary
+
+
+def _write_csv(plans: dict, cosines: dict[str, list[float]], path: Path, outdir: Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["mode", "prompt_index", "sample", "seed", "file", "prompt", "clip_text", "clip_cosine"])
+    for mode, rows in plans.items():
+        for j, (job, i, k, clean) in enumerate(rows):
+            cos = f"{cosines[mode][j]:.6f}" if mode in cosines else ""
+            w.writerow([mode, i, k, job.seed, job.path.relative_to(outdir).as_posix(), job.prompt, clean, cos])
+    atomic_write_text(buf.getvalue(), path)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    keys = ("ckpt_path", "config_path", "embedding", "mode", "n_samples", "steps", "scale", "seed",
+            "negative_prompt", "clip_model", "clip_pretrained", "fid_ref")
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def format_summary(summary: dict) -> str:
+    """CLIP score and FID lines for the terminal."""
+    lines = [f"{summary['n_prompts']} prompts from {summary['prompts_file']}"]
+    for mode in ("with", "without"):
+        c = summary["clip"].get(mode)
+        if c:
+            lines.append(f"CLIP score {mode:<7} prefix: {c['clip_score']:.3f} (cosine {c['clip_cosine_mean']:.4f}, "
+                         f"n={c['n']})")
+    for key, value in summary["fid"].items():
+        lines.append(f"FID {key}: {value:.4f}")
+    ref = summary.get("fid_ref")
+    if ref and ref["unreadable"]:
+        lines.append(f"{ref['unreadable']} unreadable reference images skipped")
+    lines += summary["notes"]
+    return "\n".join(lines)

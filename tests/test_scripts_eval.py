@@ -1,0 +1,309 @@
+"""test_id.py and test_fid_clip_score.py end to end on the tiny model, with tiny face / CLIP / FID stand-ins."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from eval_stand_ins import GROUP_PHOTO, TOM_HANKS, TinyFeatures, save_tiny_clip_weights, write_tiny_insightface_pack
+from PIL import Image
+
+import test_fid_clip_score
+import test_id
+from apl.eval import run_quality
+from apl.eval.faces import make_backend
+from apl.eval.generation import image_seed, with_prefix
+from apl.eval.id_metrics import cosine, save_ground_truth
+from apl.eval.images import load_image_rgb
+from apl.eval.quality import INCEPTION_FILE, ClipScorer, build_fid, fid_between, load_image_folder
+from apl.runtime import TINY_CONFIG
+from ldm.modules.embedding_manager import EmbeddingManager
+
+TINY = ["--config_path", str(TINY_CONFIG), "--steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def pack_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("insightface")
+    write_tiny_insightface_pack(root, pack="tiny_pack")
+    return root
+
+
+@pytest.fixture(scope="module")
+def backend(pack_root):
+    return make_backend("insightface", pack="tiny_pack", root=str(pack_root))
+
+
+@pytest.fixture(scope="module")
+def face_flags(pack_root):
+    return ["--insightface_pack", "tiny_pack", "--insightface_root", str(pack_root)]
+
+
+@pytest.fixture(scope="module")
+def embedding(tmp_path_factory, tiny_model):
+    """A random 'alz' prefix for the tiny text encoder (only the token id and width must match the script's model)."""
+    path = tmp_path_factory.mktemp("emb") / "alz.pt"
+    gen = torch.Generator().manual_seed(3)
+    em = EmbeddingManager(tiny_model.cond_stage_model, ["alz"], num_vectors_per_token=4, generator=gen)
+    with torch.no_grad():
+        em.string_to_param_dict["alz"].mul_(5.0)  # large enough to visibly change the tiny model's images
+    em.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gt_files(tmp_path_factory, backend):
+    """Ground truth for two people from the photos shipped with insightface."""
+    folder = tmp_path_factory.mktemp("gt")
+    gt = {name: backend.embed(load_image_rgb(photo)) for name, photo in (("Tom Hanks", TOM_HANKS),
+                                                                          ("Ada Lovelace", GROUP_PHOTO))}
+    save_ground_truth(gt, folder / "gt.npy", folder / "gt_names.txt")
+    return folder / "gt.npy", gt
+
+
+def _run(main, argv, capsys):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# ------------------------------------------------------------------------------------------------------------ test_id
+def test_test_id_generates_both_modes_and_writes_reports(tmp_path, capsys, backend, face_flags, embedding, gt_files):
+    gt_npy, gt = gt_files
+    out = tmp_path / "id"
+    argv = [*TINY, "--embedding", embedding, "--gt_npy", gt_npy, "--names", "Tom Hanks", "Ada Lovelace", "Nobody",
+            "--n_samples", 2, "--batch_size", 3, "--outdir", out, *face_flags, "--steps", 2]  # 1 step: prefix ~moot
+    rc, stdout, err = _run(test_id.main, argv, capsys)
+    assert rc == 0, err
+    assert "mean_of_mean" in stdout and "without ground truth" in stdout
+    for name in ("summary.json", "identity_with.csv", "identity_without.csv", "report.md",
+                 "grids/Tom Hanks.png", "grids/Ada Lovelace.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["names_without_ground_truth"] == ["Nobody"]
+    assert summary["threshold"] == 0.32  # InsightFace's documented default
+
+    # Recompute every number from the saved images with the same backend.
+    for mode in ("with", "without"):
+        means, maxes = [], []
+        for name in ("Tom Hanks", "Ada Lovelace"):
+            sims = [cosine(backend.embed(load_image_rgb(out / "images" / mode / f"{name}-{k}.png")), gt[name])
+                    for k in range(2)]
+            means.append(np.mean(sims))
+            maxes.append(np.max(sims))
+        s = summary["modes"][mode]
+        assert s["mean_of_mean"] == pytest.approx(np.mean(means), abs=1e-5)
+        assert s["mean_of_max"] == pytest.approx(np.mean(maxes), abs=1e-5)
+        assert (s["n_images"], s["n_identities"], s["no_face_rate"]) == (4, 2, 0.0)
+        rows = list(csv.DictReader((out / f"identity_{mode}.csv").open()))
+        assert [r["name"] for r in rows] == ["Tom Hanks", "Ada Lovelace"]
+        assert float(rows[0]["mean"]) == pytest.approx(means[0], abs=1e-5)
+
+    # The prefix changes the images, and the seeds pair image k of a name across the two modes.
+    with_img = np.asarray(Image.open(out / "images/with/Tom Hanks-0.png"), dtype=int)
+    without_img = np.asarray(Image.open(out / "images/without/Tom Hanks-0.png"), dtype=int)
+    assert np.abs(with_img - without_img).mean() > 1.0
+    report = (out / "report.md").read_text()
+    assert "| with |" in report and "| without |" in report and "grids/Tom%20Hanks.png" in report
+    assert Image.open(out / "grids/Tom Hanks.png").size[1] > Image.open(out / "grids/Tom Hanks.png").size[0] / 2
+
+
+def test_test_id_scores_an_image_folder_and_counts_bad_images(tmp_path, capsys, face_flags):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    Image.open(TOM_HANKS).convert("RGB").save(ref / "Tom Hanks-0.png")
+    Image.new("RGB", (64, 64)).save(ref / "Empty Person-0.png")  # no face: this person gets no ground truth
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(TOM_HANKS).convert("RGB").save(images / "Tom Hanks-0.png")  # the reference itself: similarity 1
+    Image.new("RGB", (64, 64)).save(images / "Tom Hanks-1.png")  # no face: counts as 0
+    (images / "Tom Hanks-2.png").write_bytes(b"\x89PNG broken")  # unreadable: counted, not scored
+    Image.new("RGB", (64, 64), "white").save(images / "Empty Person-0.png")  # no ground truth
+    Image.new("RGB", (64, 64), "white").save(images / "notes.png")  # not <Name>-<k>
+    out = tmp_path / "out"
+    argv = ["--image_folder", images, "--gt_folder", ref, "--outdir", out, *face_flags]
+    rc, stdout, err = _run(test_id.main, argv, capsys)
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["modes"]["images"]
+    assert s["mean_of_mean"] == pytest.approx(0.5, abs=1e-5) and s["mean_of_max"] == pytest.approx(1.0, abs=1e-5)
+    assert (s["n_images"], s["no_face_rate"], s["unreadable"]) == (2, 0.5, 1)
+    assert s["id_accuracy"] == 1.0 and s["id_accuracy_all_images"] == 0.5
+    assert summary["names_without_ground_truth"] == ["Empty Person"]
+    assert summary["ground_truth"]["empty_identities"] == ["Empty Person"]
+    assert [p.endswith("notes.png") for p in summary["unrecognised_files"]] == [True]
+    assert "1 unreadable images skipped" in stdout
+    # A second run re-scores a previous run's --outdir layout (images/with, images/without) as is.
+    (out / "prev" / "images" / "without").mkdir(parents=True)
+    Image.open(TOM_HANKS).convert("RGB").save(out / "prev" / "images" / "without" / "Tom Hanks-0.png")
+    rc, _, err = _run(test_id.main, ["--image_folder", out / "prev", "--gt_folder", ref, "--outdir", out / "o2",
+                                     *face_flags], capsys)
+    assert rc == 0, err
+    assert list(json.loads((out / "o2" / "summary.json").read_text())["modes"]) == ["without"]
+
+
+def test_test_id_missing_pack_fails_before_generation(tmp_path, capsys, monkeypatch, gt_files, embedding):
+    monkeypatch.delenv("INSIGHTFACE_HOME", raising=False)
+    out = tmp_path / "id"
+    argv = [*TINY, "--embedding", embedding, "--gt_npy", gt_files[0], "--outdir", out,
+            "--insightface_root", tmp_path / "nothing"]
+    rc, _, err = _run(test_id.main, argv, capsys)
+    assert rc == 2 and err.startswith("test_id.py: error: InsightFace model pack 'buffalo_l' not found")
+    for needle in ("buffalo_l.zip", "--insightface_root", "$INSIGHTFACE_HOME", "--face_backend dlib"):
+        assert needle in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_test_id_bad_inputs(tmp_path, capsys, face_flags, gt_files, embedding):
+    gt_npy, _ = gt_files
+    bad_names = tmp_path / "names.txt"
+    bad_names.write_text("only one\n")
+    cases = [
+        (["--gt_npy", gt_npy, "--mode", "both"], "needs --embedding"),
+        (["--embedding", embedding], "exactly one of --gt_npy"),
+        (["--embedding", embedding, "--gt_npy", gt_npy, "--gt_names", bad_names], "has 2 embeddings but"),
+        (["--embedding", embedding, "--gt_npy", tmp_path / "none.npy"], "does not exist"),
+        (["--embedding", embedding, "--gt_npy", gt_npy, "--names", "Nobody"], "none of the 1 identities"),
+        (["--embedding", embedding, "--gt_npy", gt_npy, "--prompt_template", "a face"], "must contain {name}"),
+        (["--embedding", tmp_path / "none.pt", "--gt_npy", gt_npy], "--embedding"),
+        (["--image_folder", tmp_path / "none", "--gt_npy", gt_npy], "--image_folder"),
+    ]
+    for extra, needle in cases:
+        rc, _, err = _run(test_id.main, [*TINY, "--outdir", tmp_path / "o", *face_flags, *extra], capsys)
+        assert rc == 2 and needle in err and err.startswith("test_id.py: error:"), (extra, err)
+        assert not (tmp_path / "o" / "images").exists()
+
+
+# ------------------------------------------------------------------------------------------------ test_fid_clip_score
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory):
+    return save_tiny_clip_weights(tmp_path_factory.mktemp("clip"))  # also registers the tiny config with open_clip
+
+
+@pytest.fixture()
+def tiny_fid(monkeypatch):
+    """FID on TinyFeatures instead of the 2048-d Inception network (whose weights cannot be downloaded here)."""
+    real = run_quality.build_fid
+    monkeypatch.setattr(run_quality, "build_fid", lambda feature, weights, device="cpu": real(TinyFeatures(), None,
+                                                                                             device))
+
+
+def test_fid_clip_score_end_to_end(tmp_path, capsys, embedding, clip_weights, tiny_fid):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A man riding a wave.\n\nalz A woman holding an umbrella.\nTwo people on a bench.\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, color in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (64, 64), color).save(ref / f"{i}.png")
+    Image.open(GROUP_PHOTO).save(ref / "people.jpg")
+    (ref / "broken.jpg").write_bytes(b"nope")
+    out = tmp_path / "q"
+    argv = [*TINY, "--embedding", embedding, "--prompts_file", prompts, "--n_samples", 1, "--batch_size", 2,
+            "--outdir", out, "--clip_model", "apl-tiny-clip", "--clip_pretrained", clip_weights, "--fid_ref", ref]
+    rc, stdout, err = _run(test_fid_clip_score.main, argv, capsys)
+    assert rc == 0, err
+    assert "CLIP score with" in stdout and "FID without_vs_with" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_prompts"] == 3 and summary["fid_ref"]["images"] == 4 and summary["fid_ref"]["unreadable"] == 1
+    rows = list(csv.DictReader((out / "clip_scores.csv").open()))
+    assert len(rows) == 6
+    # Prompts: the prefix in front once (never twice), the CLIP text always without it, seeds paired across modes.
+    by = {(r["mode"], int(r["prompt_index"]), int(r["sample"])): r for r in rows}
+    assert by[("with", 1, 0)]["prompt"] == "alz A woman holding an umbrella."
+    assert by[("without", 1, 0)]["prompt"] == by[("with", 1, 0)]["clip_text"] == "A woman holding an umbrella."
+    assert by[("with", 0, 0)]["prompt"] == "alz A man riding a wave." and by[("with", 2, 0)]["seed"] == str(2238 + 2)
+    assert all(by[("with", i, 0)]["seed"] == by[("without", i, 0)]["seed"] for i in range(3))
+
+    # Recompute CLIP cosines and FIDs from the saved (lossless) images.
+    scorer = ClipScorer("apl-tiny-clip", str(clip_weights))
+    images = {m: [Image.open(out / by[(m, i, 0)]["file"]).convert("RGB") for i in range(3)]
+              for m in ("with", "without")}
+    for mode in ("with", "without"):
+        texts = [by[(mode, i, 0)]["clip_text"] for i in range(3)]
+        cos = scorer.score(images[mode], texts)
+        stored = [float(by[(mode, i, 0)]["clip_cosine"]) for i in range(3)]
+        np.testing.assert_allclose(stored, cos, atol=1e-5)
+        assert summary["clip"][mode]["clip_cosine_mean"] == pytest.approx(float(np.mean(cos)), abs=1e-5)
+    fid = build_fid(TinyFeatures())
+    assert summary["fid"]["without_vs_with"] == pytest.approx(fid_between(fid, images["without"], images["with"]),
+                                                              rel=1e-4, abs=1e-6)
+    assert summary["fid"]["ref_vs_with"] == pytest.approx(fid_between(fid, load_image_folder(ref), images["with"]),
+                                                          rel=1e-4)
+    assert summary["fid"]["ref_vs_with"] > summary["fid"]["without_vs_with"]
+
+
+def test_fid_clip_missing_weights_fail_before_generation(tmp_path, capsys, monkeypatch, clip_weights):
+    monkeypatch.delenv("APL_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A man.\nA woman.\n")
+    out = tmp_path / "q"
+    base = [*TINY, "--mode", "without", "--prompts_file", prompts, "--outdir", out]
+    # CLIP weights that are not on this machine.
+    rc, _, err = _run(test_fid_clip_score.main, [*base, "--clip_model", "ViT-B-32", "--clip_pretrained",
+                                                 "laion2b_s34b_b79k", "--skip_fid"], capsys)
+    assert rc == 2 and err.startswith("test_fid_clip_score.py: error: CLIP-score weights for ViT-B-32")
+    assert "--clip_pretrained /path/to/file" in err and "Traceback" not in err
+    # Inception weights for FID against real photos.
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rc, _, err = _run(test_fid_clip_score.main, [*base, "--skip_clip", "--fid_ref", ref], capsys)
+    assert rc == 2 and INCEPTION_FILE in err and "--inception_weights" in err and "$APL_INCEPTION_WEIGHTS" in err
+    assert not out.exists()
+
+
+def test_fid_clip_bad_inputs(tmp_path, capsys, clip_weights, tiny_fid, embedding):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing here\n\n")
+    indexed_empty = tmp_path / "indexed.txt"
+    indexed_empty.write_text("1 \n2\n")
+    one = tmp_path / "one.txt"
+    one.write_text("A man.\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "bad.png").write_bytes(b"x")
+    clip = ["--clip_model", "apl-tiny-clip", "--clip_pretrained", clip_weights]
+    cases = [
+        (["--prompts_file", empty, "--mode", "without"], "has no captions"),
+        (["--prompts_file", indexed_empty, "--mode", "without"], "only empty captions"),
+        (["--prompts_file", tmp_path / "none.txt", "--mode", "without"], "cannot be read"),
+        (["--prompts_file", one, "--mode", "with"], "needs --embedding"),
+        (["--prompts_file", one, "--mode", "both", "--embedding", embedding, "--n_samples", "1", *clip],
+         "at least 2 generated images"),
+        (["--prompts_file", one, "--mode", "with", "--embedding", tmp_path / "x.pt"], "--embedding"),
+        (["--prompts_file", one, "--mode", "without", "--fid_ref", ref, "--n_samples", "2", *clip],
+         "0 readable images (1 unreadable)"),
+        (["--prompts_file", one, "--mode", "without", "--fid_ref", tmp_path / "none", "--n_samples", "2", *clip],
+         "--fid_ref"),
+        (["--prompts_file", one, "--mode", "without", "--clip_model", "no-such-model"], "Unknown open_clip model"),
+    ]
+    for extra, needle in cases:
+        out = tmp_path / "q"
+        rc, _, err = _run(test_fid_clip_score.main, [*TINY, "--outdir", out, *extra], capsys)
+        assert rc == 2 and needle in err and err.startswith("test_fid_clip_score.py: error:"), (extra, err)
+        assert not out.exists()
+
+
+def test_seed_and_prefix_helpers():
+    assert with_prefix("A photo of Tom", "alz") == "alz A photo of Tom"
+    assert with_prefix("alz A photo of Tom", "alz") == "alz A photo of Tom"
+    assert with_prefix("A photo of Alz, smiling", "alz") == "A photo of Alz, smiling"
+    assert with_prefix("waltz at night", "alz") == "alz waltz at night"
+    assert image_seed(2238, "Tom Hanks", 1) - image_seed(2238, "Tom Hanks", 0) == 1
+    assert image_seed(2238, "Tom Hanks", 0) != image_seed(2238, "Emma Watson", 0)
+
+
+def test_parsers_document_every_flag():
+    for module in (test_id, test_fid_clip_score):
+        parser = module.build_parser()
+        for action in parser._actions:
+            assert action.help, (module.__name__, action.option_strings)
+    args = test_id.build_parser().parse_args([])
+    assert (args.n_samples, args.seed, args.steps, args.scale, args.prompt_template) == (
+        4, 2238, 20, 7.0, "A close-up portrait of {name}")
+    args = test_fid_clip_score.build_parser().parse_args([])
+    assert (args.clip_model, args.clip_pretrained, args.prompts_file) == (
+        "ViT-g-14", "laion2b_s34b_b88k", "prompts_person.txt")
