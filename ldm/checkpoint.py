@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from ldm.models.diffusion.ddpm import SCHEDULE_KEYS, LatentDiffusion, schedule_tensors
-from ldm.util import instantiate_from_config, load_config
+from ldm.util import atomic_save, instantiate_from_config, load_config
 
 # Keys that real SD v1 files carry beyond the model's tensors; tolerated by name, never loaded.
 TOLERATED = (
@@ -233,20 +232,6 @@ def load_model(
     return model.to(device).eval().requires_grad_(False)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     model_or_sd: torch.nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -263,6 +248,6 @@ def save_checkpoint(
         for k, v in sd.items()
     }
     if path.suffix.lower() in SAFETENSORS_EXT:
-        _atomic_write(path, lambda tmp: save_safetensors(sd, tmp, metadata={"format": "pt"}))
+        atomic_save(lambda tmp: save_safetensors(sd, str(tmp), metadata={"format": "pt"}), path)
     else:
-        _atomic_write(path, lambda tmp: torch.save({"state_dict": sd}, tmp))
+        atomic_save(lambda tmp: torch.save({"state_dict": sd}, tmp), path)

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import CFGDenoiser, sample_ddim
+from ldm.util import atomic_save
 
 
 def start_codes(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -109,11 +110,8 @@ def make_grid(images: Sequence[Image.Image], nrow: int | None = None, pad: int =
 
 def save_image(image: Image.Image, path: str | os.PathLike) -> None:
     """Save atomically (a crash never leaves a half-written PNG that a resumed run would take as done)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-    os.replace(tmp, path)
+    fmt = (Path(path).suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
+    atomic_save(lambda tmp: image.save(tmp, format=fmt), path)
 
 
 def to_uint8(images: Sequence[Image.Image]) -> np.ndarray:

@@ -7,6 +7,7 @@ file cannot make APL run arbitrary code.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,52 @@ def load_config(path: str | os.PathLike) -> dict:
     if not isinstance(config, Mapping) or "model" not in config:
         raise ConfigError(f"{path}: expected a CompVis config with a top-level 'model:' section")
     return dict(config)
+
+
+# ----- atomic file writes: a crash or Ctrl-C mid-save never leaves a half-written file under the final name
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a directory entry so a completed rename survives power loss (POSIX only)."""
+    if os.name != "posix":
+        return  # Windows cannot open directories; os.replace is already durable enough there
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_tmp_path(path: Path) -> Path:
+    """Create an empty, unique temporary file next to `path` that keeps `path`'s suffix."""
+    for _ in range(100):
+        # Keep the real suffix last: writers such as matplotlib's savefig pick the format from it.
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+        try:
+            # 0o666 lets the process umask decide the final permissions, as for any ordinary file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise OSError(f"could not create a temporary file next to {path}: 100 random names were all taken")
+
+
+def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]) -> None:
+    """Call `obj_writer(tmp)` on a temporary file in `path`'s folder, fsync it, then rename it onto `path`.
+
+    The parent folder is created if needed. If the writer raises, the temporary file is removed, `path` is left
+    as it was, and the error propagates. Example: `atomic_save(lambda p: torch.save(obj, p), "out/emb.pt")`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_tmp_path(path)
+    try:
+        obj_writer(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)

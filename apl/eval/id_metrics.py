@@ -12,8 +12,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 
 from apl.eval.faces import FaceBackend
 from apl.eval.images import ImageReadError, LoadReport, is_image_file, list_images, load_image_rgb
+from apl.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -217,16 +216,7 @@ def ground_truth_from_folder(
 
 def _atomic_write(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(data, path)
 
 
 def _fmt(x: float | None) -> str:

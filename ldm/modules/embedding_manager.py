@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
+
+from ldm.util import atomic_save
 
 DEFAULT_PLACEHOLDER = "alz"
 FORMAT_NAME = "apl-embedding"  # `format` metadata of our .safetensors files
@@ -57,15 +58,7 @@ _SAFE_STAND_INS = [(_PickledParameterDict, "torch.nn.modules.container.Parameter
 
 def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save(lambda tmp: write(str(tmp)), path)
 
 
 def _check_file(path: Path) -> None:
