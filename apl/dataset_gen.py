@@ -16,8 +16,8 @@ import numpy as np
 
 from apl.eval.faces import FaceBackend
 from apl.eval.generation import Job, check_name, generate, image_seed, load_model_and_prefix, shipped
-from apl.eval.id_metrics import save_ground_truth
-from apl.eval.images import ImageReadError, LoadReport, load_image_rgb
+from apl.eval.id_metrics import ground_truth_from_groups, save_ground_truth
+from apl.eval.images import LoadReport
 from apl.eval.run_id import backend_from_args, gt_names_path
 from apl.io import atomic_write_text
 from apl.people import PREFIXES, load_people, load_templates
@@ -63,28 +63,7 @@ def ground_truth_from_images(
     images: dict[str, list[Path]], backend: FaceBackend, report: LoadReport
 ) -> dict[str, np.ndarray]:
     """Per name, the re-normalised mean embedding of the faces detected in its images; faceless names left out."""
-    gt: dict[str, np.ndarray] = {}
-    for name, paths in images.items():
-        embs = []
-        for path in paths:
-            try:
-                image = load_image_rgb(path)
-            except ImageReadError as err:
-                logger.warning("Skipping %s", err)
-                report.unreadable.append(str(path))
-                continue
-            report.loaded += 1
-            emb = backend.embed(image)
-            if emb is None:
-                report.no_face.append(str(path))
-            else:
-                embs.append(np.asarray(emb, dtype=np.float64).ravel())
-        if not embs:
-            report.empty_identities.append(name)
-            continue
-        mean = np.mean(embs, axis=0)
-        gt[name] = (mean / np.linalg.norm(mean)).astype(np.float32)
-    return gt
+    return ground_truth_from_groups(images, backend, report)
 
 
 def resolve_names(names: Sequence[str] | None, people_file: str | None) -> list[str]:
@@ -108,17 +87,31 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
     outdir = Path(args.outdir)
     jobs = plan_dataset(names, args.n_samples, outdir, args.seed, templates)
     todo = [j for j in jobs if not is_done(j.path)]
-    print(f"{len(names)} identities x {args.n_samples} images: {len(jobs) - len(todo)} already in {outdir}, "
-          f"{len(todo)} to generate")
+    print(
+        f"{len(names)} identities x {args.n_samples} images: {len(jobs) - len(todo)} already in {outdir}, "
+        f"{len(todo)} to generate"
+    )
     made = 0
     if todo:
         gen = load_model_and_prefix(args.config_path, args.ckpt_path, args.device, args.precision, seed=args.seed)
-        made = generate(gen, todo, batch_size=args.batch_size, steps=args.steps, scale=args.scale,
-                        negative_prompt=args.negative_prompt, desc="dataset_generation")
+        made = generate(
+            gen,
+            todo,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            scale=args.scale,
+            negative_prompt=args.negative_prompt,
+            desc="dataset_generation",
+        )
     manifest = "".join(f"{j.path.name}\t{j.seed}\t{j.prompt}\n" for j in jobs)
     atomic_write_text("file\tseed\tprompt\n" + manifest, outdir / MANIFEST)
-    summary: dict = {"outdir": str(outdir), "identities": len(names), "images": len(jobs),
-                     "generated": made, "skipped_existing": len(jobs) - len(todo)}
+    summary: dict = {
+        "outdir": str(outdir),
+        "identities": len(names),
+        "images": len(jobs),
+        "generated": made,
+        "skipped_existing": len(jobs) - len(todo),
+    }
     if backend is not None:
         by_name: dict[str, list[Path]] = {}
         for j in jobs:
@@ -133,8 +126,10 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
             "identities_without_face": list(report.empty_identities),
         }
         if not gt:
-            raise ValueError(f"no face was detected in any of the {report.loaded} images in {outdir}; "
-                             "ground truth not written (check --det_thresh and the images)")
+            raise ValueError(
+                f"no face was detected in any of the {report.loaded} images in {outdir}; "
+                "ground truth not written (check --det_thresh and the images)"
+            )
         names_file = gt_names_path(gt_npy, args.gt_names)
         save_ground_truth(gt, gt_npy, names_file)
         summary["ground_truth"].update(npy=gt_npy, names=names_file)
@@ -143,13 +138,17 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
 
 def format_summary(summary: dict) -> str:
     """A few lines for the terminal."""
-    lines = [f"{summary['generated']} images generated, {summary['skipped_existing']} already there "
-             f"({summary['identities']} identities, {summary['images']} images in {summary['outdir']})"]
+    lines = [
+        f"{summary['generated']} images generated, {summary['skipped_existing']} already there "
+        f"({summary['identities']} identities, {summary['images']} images in {summary['outdir']})"
+    ]
     gt = summary.get("ground_truth")
     if gt:
         lines.append(f"ground truth of {gt['identities']} identities written to {gt['npy']} + {gt['names']}")
-        lines.append(f"images without a detectable face: {gt['images_without_face']} of {gt['images_read']}"
-                     + (f"; unreadable: {gt['unreadable_images']}" if gt["unreadable_images"] else ""))
+        lines.append(
+            f"images without a detectable face: {gt['images_without_face']} of {gt['images_read']}"
+            + (f"; unreadable: {gt['unreadable_images']}" if gt["unreadable_images"] else "")
+        )
         if gt["identities_without_face"]:
             lines.append(f"no face in any image (no ground truth): {', '.join(gt['identities_without_face'])}")
     return "\n".join(lines)

@@ -175,6 +175,43 @@ def _identity_images(folder: Path) -> dict[str, list[Path]]:
     return dict(groups)
 
 
+def embed_images(paths: list[Path], backend: FaceBackend, report: LoadReport) -> list[tuple[Path, np.ndarray | None]]:
+    """(path, largest face's embedding or None when no face) per readable image; unreadable files are recorded in
+    `report` and left out."""
+    out = []
+    for path in paths:
+        try:
+            image = load_image_rgb(path)
+        except ImageReadError as err:
+            logger.warning("Skipping %s", err)
+            report.unreadable.append(str(path))
+            continue
+        report.loaded += 1
+        emb = backend.embed(image)
+        if emb is None:
+            report.no_face.append(str(path))
+        out.append((path, emb))
+    return out
+
+
+def ground_truth_from_groups(
+    images: dict[str, list[Path]], backend: FaceBackend, report: LoadReport
+) -> dict[str, np.ndarray]:
+    """Per name, the re-normalised mean embedding of the faces detected in its images; faceless names are left
+    out and recorded in report.empty_identities."""
+    gt: dict[str, np.ndarray] = {}
+    for name, paths in images.items():
+        embs = [
+            np.asarray(e, dtype=np.float64).ravel() for _, e in embed_images(paths, backend, report) if e is not None
+        ]
+        if not embs:
+            logger.warning("No face found in any reference image of '%s'; it has no ground truth.", name)
+            report.empty_identities.append(name)
+            continue
+        gt[name] = _unit(np.mean(embs, axis=0), f"mean embedding of '{name}'").astype(np.float32)
+    return gt
+
+
 def ground_truth_from_folder(
     folder: str | Path, backend: FaceBackend, report: LoadReport | None = None
 ) -> dict[str, np.ndarray]:
@@ -190,28 +227,7 @@ def ground_truth_from_folder(
     groups = _identity_images(folder)
     if not groups:
         raise ValueError(f"No images in {folder}: expected <Name>-<k>.png files or <Name>/ subfolders of images.")
-    gt: dict[str, np.ndarray] = {}
-    for name, paths in groups.items():
-        embs = []
-        for path in paths:
-            try:
-                image = load_image_rgb(path)
-            except ImageReadError as err:
-                logger.warning("Skipping %s", err)
-                report.unreadable.append(str(path))
-                continue
-            report.loaded += 1
-            emb = backend.embed(image)
-            if emb is None:
-                report.no_face.append(str(path))
-                continue
-            embs.append(np.asarray(emb, dtype=np.float64).ravel())
-        if not embs:
-            logger.warning("No face found in any reference image of '%s'; it has no ground truth.", name)
-            report.empty_identities.append(name)
-            continue
-        gt[name] = _unit(np.mean(embs, axis=0), f"mean embedding of '{name}'").astype(np.float32)
-    return gt
+    return ground_truth_from_groups(groups, backend, report)
 
 
 def _atomic_write(path: str | Path, data: bytes) -> None:

@@ -32,13 +32,14 @@ from apl.eval.id_metrics import (
     IdentityResult,
     IdentityTable,
     default_id_threshold,
+    embed_images,
     ground_truth_from_folder,
     load_ground_truth,
     summarize,
     write_identity_csv,
     write_summary_json,
 )
-from apl.eval.images import ImageReadError, LoadReport, list_images, load_image_rgb, load_pil_rgb
+from apl.eval.images import ImageReadError, LoadReport, list_images, load_pil_rgb
 from apl.io import atomic_save, atomic_write_text
 from apl.people import load_people
 from apl.runtime import UsageError
@@ -115,8 +116,10 @@ def collect_folder(folder: str | Path) -> ImageSets:
 def load_gt(args: argparse.Namespace, backend: FaceBackend) -> tuple[dict[str, np.ndarray], dict]:
     """Ground truth from --gt_npy/--gt_names or --gt_folder, and a description for the summary."""
     if bool(args.gt_npy) == bool(args.gt_folder):
-        raise UsageError("give the ground truth with exactly one of --gt_npy FILE.npy (+ --gt_names) or "
-                         "--gt_folder DIR (reference photos)")
+        raise UsageError(
+            "give the ground truth with exactly one of --gt_npy FILE.npy (+ --gt_names) or "
+            "--gt_folder DIR (reference photos)"
+        )
     if args.gt_npy:
         names = gt_names_path(args.gt_npy, args.gt_names)
         gt = load_ground_truth(args.gt_npy, names)
@@ -159,17 +162,7 @@ def score_set(
     table = IdentityTable(gt)
     report = LoadReport()
     for name, paths in images.items():
-        for path in paths:
-            try:
-                image = load_image_rgb(path)
-            except ImageReadError as err:
-                logger.warning("Skipping %s", err)
-                report.unreadable.append(str(path))
-                continue
-            report.loaded += 1
-            emb = backend.embed(image)
-            if emb is None:
-                report.no_face.append(str(path))
+        for _, emb in embed_images(paths, backend, report):
             table.add(name, emb)
     return table.results(), report
 
@@ -207,25 +200,38 @@ def _f(x: float | None) -> str:
     return "–" if x is None else f"{x:.4f}"
 
 
-def markdown_report(summary: dict, results: dict[str, list[IdentityResult]], grids: dict[str, Path],
-                    outdir: Path) -> str:
+def markdown_report(
+    summary: dict, results: dict[str, list[IdentityResult]], grids: dict[str, Path], outdir: Path
+) -> str:
     """The side-by-side report: overall numbers per mode, then one row per identity with its grid."""
     modes = list(results)
     thr = summary["threshold"]
     lines = ["# Identity similarity (test_id.py)", ""]
-    lines.append(f"Face backend: {summary['settings']['face_backend']}; ID threshold {thr}; "
-                 "a no-face image counts as similarity 0 in the mean and max. Lower is more anonymous.")
-    lines += ["", f"| mode | mean of mean | mean of max | ID accuracy (≥ {thr}) | no-face rate | identities "
-              "| images |", "|---|---|---|---|---|---|---|"]
+    lines.append(
+        f"Face backend: {summary['settings']['face_backend']}; ID threshold {thr}; "
+        "a no-face image counts as similarity 0 in the mean and max. Lower is more anonymous."
+    )
+    lines += [
+        "",
+        f"| mode | mean of mean | mean of max | ID accuracy (≥ {thr}) | no-face rate | identities | images |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in modes:
         s = summary["modes"][m]
-        lines.append(f"| {m} | {_f(s['mean_of_mean'])} | {_f(s['mean_of_max'])} | {_f(s['id_accuracy'])} | "
-                     f"{_f(s['no_face_rate'])} | {s['n_identities']} | {s['n_images']} |")
+        lines.append(
+            f"| {m} | {_f(s['mean_of_mean'])} | {_f(s['mean_of_max'])} | {_f(s['id_accuracy'])} | "
+            f"{_f(s['no_face_rate'])} | {s['n_identities']} | {s['n_images']} |"
+        )
     by_mode = {m: {r.name: r for r in results[m]} for m in modes}
     names = list(dict.fromkeys(r.name for m in modes for r in results[m]))
     head = " | ".join(f"{m} mean | {m} max | {m} no face" for m in modes)
-    lines += ["", "## Per identity", "", f"| name | {head} | images ({' / '.join(modes)}) |",
-              "|---|" + "---|" * (3 * len(modes)) + "---|"]
+    lines += [
+        "",
+        "## Per identity",
+        "",
+        f"| name | {head} | images ({' / '.join(modes)}) |",
+        "|---|" + "---|" * (3 * len(modes)) + "---|",
+    ]
     for name in names:
         cells = []
         for m in modes:
@@ -267,32 +273,56 @@ def run_test_id(args: argparse.Namespace) -> dict:
         if not scored:
             raise ValueError(f"none of the {len(names)} identities has ground truth (known: {sorted(gt)[:10]})")
         if missing_gt:
-            print(f"warning: {len(missing_gt)} identities have no ground truth and are skipped: "
-                  f"{', '.join(missing_gt[:10])}{' ...' if len(missing_gt) > 10 else ''}")
-        gen = load_model_and_prefix(args.config_path, args.ckpt_path, args.device, args.precision,
-                                    embedding=args.embedding if args.mode != "without" else None,
-                                    placeholder=args.placeholder, seed=args.seed)
-        plans = plan_images(scored, modes_for(args.mode), args.n_samples, args.seed, args.prompt_template,
-                            gen.placeholder, outdir)
+            print(
+                f"warning: {len(missing_gt)} identities have no ground truth and are skipped: "
+                f"{', '.join(missing_gt[:10])}{' ...' if len(missing_gt) > 10 else ''}"
+            )
+        gen = load_model_and_prefix(
+            args.config_path,
+            args.ckpt_path,
+            args.device,
+            args.precision,
+            embedding=args.embedding if args.mode != "without" else None,
+            placeholder=args.placeholder,
+            seed=args.seed,
+        )
+        plans = plan_images(
+            scored, modes_for(args.mode), args.n_samples, args.seed, args.prompt_template, gen.placeholder, outdir
+        )
         for mode, per_name in plans.items():
             jobs = [j for name_jobs in per_name.values() for j in name_jobs]
-            generate(gen, jobs, batch_size=args.batch_size, steps=args.steps, scale=args.scale,
-                     negative_prompt=args.negative_prompt, desc=f"test_id {mode}")
+            generate(
+                gen,
+                jobs,
+                batch_size=args.batch_size,
+                steps=args.steps,
+                scale=args.scale,
+                negative_prompt=args.negative_prompt,
+                desc=f"test_id {mode}",
+            )
         sets = {m: {n: [j.path for j in jobs] for n, jobs in per_name.items()} for m, per_name in plans.items()}
         unrecognised = []
 
     results: dict[str, list[IdentityResult]] = {}
-    summary: dict = {"script": "test_id.py", "threshold": threshold, "modes": {},
-                     "names_without_ground_truth": missing_gt, "unrecognised_files": unrecognised,
-                     "ground_truth": gt_info, "settings": _settings(args, backend.name)}
+    summary: dict = {
+        "script": "test_id.py",
+        "threshold": threshold,
+        "modes": {},
+        "names_without_ground_truth": missing_gt,
+        "unrecognised_files": unrecognised,
+        "ground_truth": gt_info,
+        "settings": _settings(args, backend.name),
+    }
     for mode, images in sets.items():
         res, report = score_set(images, gt, backend)
         if not res:
             summary["modes"][mode] = {"n_images": 0, "unreadable": len(report.unreadable), "note": "nothing to score"}
             continue
         results[mode] = res
-        summary["modes"][mode] = summarize(res, threshold) | {"unreadable": len(report.unreadable),
-                                                               "unreadable_files": report.unreadable}
+        summary["modes"][mode] = summarize(res, threshold) | {
+            "unreadable": len(report.unreadable),
+            "unreadable_files": report.unreadable,
+        }
         write_identity_csv(res, outdir / f"identity_{mode}.csv")
     if not results:
         raise ValueError("no readable images of identities with ground truth were found; nothing to score")
@@ -304,22 +334,40 @@ def run_test_id(args: argparse.Namespace) -> dict:
 
 
 def _settings(args: argparse.Namespace, backend: str) -> dict:
-    keys = ("ckpt_path", "config_path", "embedding", "mode", "prompt_template", "n_samples", "steps", "scale",
-            "seed", "negative_prompt", "image_folder", "det_thresh", "det_size", "insightface_pack")
+    keys = (
+        "ckpt_path",
+        "config_path",
+        "embedding",
+        "mode",
+        "prompt_template",
+        "n_samples",
+        "steps",
+        "scale",
+        "seed",
+        "negative_prompt",
+        "image_folder",
+        "det_thresh",
+        "det_size",
+        "insightface_pack",
+    )
     return {k: getattr(args, k, None) for k in keys} | {"face_backend": backend}
 
 
 def format_summary(summary: dict) -> str:
     """The overall numbers as a small table for the terminal."""
     thr = summary["threshold"]
-    lines = [f"{'mode':<9} {'mean_of_mean':>12} {'mean_of_max':>12} {'id_acc@' + str(thr):>12} {'no_face':>8} "
-             f"{'ids':>5} {'images':>7}"]
+    lines = [
+        f"{'mode':<9} {'mean_of_mean':>12} {'mean_of_max':>12} {'id_acc@' + str(thr):>12} {'no_face':>8} "
+        f"{'ids':>5} {'images':>7}"
+    ]
     for mode, s in summary["modes"].items():
         if not s.get("n_images"):
             lines.append(f"{mode:<9} (no readable images)")
             continue
-        lines.append(f"{mode:<9} {_f(s['mean_of_mean']):>12} {_f(s['mean_of_max']):>12} {_f(s['id_accuracy']):>12} "
-                     f"{s['no_face_rate']:>8.3f} {s['n_identities']:>5} {s['n_images']:>7}")
+        lines.append(
+            f"{mode:<9} {_f(s['mean_of_mean']):>12} {_f(s['mean_of_max']):>12} {_f(s['id_accuracy']):>12} "
+            f"{s['no_face_rate']:>8.3f} {s['n_identities']:>5} {s['n_images']:>7}"
+        )
         if s.get("unreadable"):
             lines.append(f"{'':<9} {s['unreadable']} unreadable images skipped")
     if summary["names_without_ground_truth"]:
