@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The one prepared benchmark run for a lent NVIDIA H100/H200 (about 8 minutes in all). From the repo root:
+#
+#   OUT=bench-out bash bench/run_gpu.sh    # -> $OUT/env.txt, run.log, summary.md, one JSON per run
+#
+# It prints the GPU and versions, installs what is missing, then runs the full-size benchmark four times:
+#   eager             all workloads, batches 1,8,32 (the baselines are measured here)
+#   compile_sampling  our sampler with torch.compile
+#   ckpt              our training step with gradient checkpointing, batches 1,32 (memory)
+#   compile           our training step with torch.compile, batches 32,1
+# Later runs reuse the eager run's baselines (--baselines_from), so each JSON and table has its ratios.
+# Each run has its own time limit; one that does not fit in what is left is skipped and says so. The bench writes
+# its JSON after every measurement, so a run stopped by its limit still leaves what it measured.
+#
+# Offline GPU machines (no package index): fetch the missing pure-Python wheels here first with
+#   bash bench/run_gpu.sh --fetch-wheels        # -> .whl/ (diffusers, open_clip_torch)
+# and send .whl along with the working tree (ignored folders must be named in the device tool's `carry`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS="${WHEELS:-.whl}"
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    # Pure-Python wheels, pinned as in requirements*.txt; torch, transformers and the rest come with the GPU image.
+    spec() { grep -hiE "^$1==" requirements.txt requirements-dev.txt | head -n1; }
+    python3 -m pip download --no-deps --only-binary=:all: -d "$WHEELS" "$(spec diffusers)" "$(spec open_clip_torch)"
+    ls -l "$WHEELS"
+    exit 0
+fi
+
+OUT="${OUT:-./bench-out}"
+BUDGET_S="${BENCH_BUDGET_S:-470}"  # the whole script, installs included
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+log() { echo "[run_gpu +$(elapsed)s] $*"; }
+
+{
+    echo "== nvidia-smi"
+    nvidia-smi || echo "nvidia-smi failed"
+    echo "== python"
+    "$PY" -c 'import sys; print(sys.version, sys.executable)'
+} 2>&1 | tee "$OUT/env.txt"
+
+# --- install what is missing (never replace a working CUDA torch) ---
+missing=$("$PY" - <<'EOF'
+import importlib.util
+need = {"torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "open_clip": "open_clip_torch",
+        "regex": "regex", "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm", "PIL": "pillow"}
+print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+EOF
+)
+if [[ -n "$missing" ]]; then
+    log "missing: $missing"
+    if [[ -d "$WHEELS" ]] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+        # Offline: the wheels fetched with --fetch-wheels, into a side folder (the image's site-packages stays).
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/apl-site "$WHEELS"/*.whl
+        export PYTHONPATH="/tmp/apl-site${PYTHONPATH:+:$PYTHONPATH}"
+    elif [[ " $missing " == *" torch "* ]]; then
+        "$PY" -m pip install -q -r requirements-dev.txt
+    else
+        # Only the missing packages, at the versions the requirements pin; the image's CUDA torch is kept.
+        specs=()
+        for pkg in $missing; do
+            specs+=("$(grep -hiE "^${pkg}(==|>=|$)" requirements.txt requirements-dev.txt | head -n1 || echo "$pkg")")
+        done
+        "$PY" -m pip install -q "${specs[@]}"
+    fi
+fi
+
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
+import importlib
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"{p.multi_processor_count} SMs")
+for name in ("diffusers", "transformers", "triton", "numpy"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError as e:
+        print(name, "not importable:", e)
+EOF
+# BENCH_SIZE_ARGS="--size tiny --device cpu" REQUIRE_GPU=0 gives a CPU dry run of this script's own logic.
+SIZE_ARGS="${BENCH_SIZE_ARGS:---size full --device cuda}"
+if [[ "${REQUIRE_GPU:-1}" == 1 ]]; then
+    "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible: run_gpu.sh is for the lent GPU machine")'
+fi
+
+# --- benchmark runs: name, time limit (s), minimum time needed to start (s), bench arguments ---
+# All output goes to $OUT/run.log (the device tool brings back at most 8 files: env.txt, run.log, 4 JSON, summary).
+bench() {
+    local name=$1 limit=$2 need=$3
+    shift 3
+    local left=$(( BUDGET_S - $(elapsed) ))
+    if (( left < need )); then
+        log "SKIPPED $name: ${left}s left of the ${BUDGET_S}s budget, it needs about ${need}s" | tee -a "$OUT/run.log"
+        return 0
+    fi
+    (( limit > left )) && limit=$left
+    log "run $name (limit ${limit}s): bench/bench.py $SIZE_ARGS $*" | tee -a "$OUT/run.log"
+    set +e
+    # shellcheck disable=SC2086  # SIZE_ARGS is several words
+    timeout --signal=INT --kill-after=20 "$limit" "$PY" bench/bench.py $SIZE_ARGS \
+        --out "$OUT/$name.json" "$@" 2>&1 | tee -a "$OUT/run.log"
+    local rc=${PIPESTATUS[0]}
+    set -e
+    case $rc in
+        0) log "$name done" ;;
+        124|130|137) log "$name STOPPED at its ${limit}s limit: $OUT/$name.json holds what it measured" ;;
+        *) log "$name exited with $rc (errors are listed in $OUT/$name.json)" ;;
+    esac | tee -a "$OUT/run.log"
+}
+
+# Later runs take the baselines (original_style, diffusers_bf16, diffusers sampling) from the eager run's JSON.
+reuse() { [[ -s "$OUT/eager.json" ]] && echo "--baselines_from $OUT/eager.json" || true; }
+
+: >"$OUT/run.log"
+bench eager 200 120 --batches 1,8,32
+# Compiled sampling first: one graph (batch 2 x sample_batch, no grad), about a minute.
+# shellcheck disable=SC2046  # reuse prints nothing or two words
+bench compile_sampling 150 90 --compile --skip train,numerics,decode,sampling_diffusers $(reuse)
+# shellcheck disable=SC2046
+bench ckpt 80 50 --batches 1,32 --grad_ckpt --skip baselines,numerics,sampling $(reuse)
+# Compiled training: batch 32 (the throughput target), then 1 (the latency target). Every batch size and grad
+# mode is one more compilation (about a minute each), so batch 8 is left to the eager run.
+# shellcheck disable=SC2046
+bench compile 330 150 --batches 32,1 --compile --skip baselines,numerics,sampling $(reuse)
+
+# Every run's table in one file.
+sed -n '/^APL benchmark:/,/^results:/p' "$OUT/run.log" >"$OUT/summary.md"
+log "finished; tables in $OUT/summary.md, everything in $OUT/run.log"
