@@ -46,6 +46,8 @@ HELP = {
     "seed": "seed of the prefix init and of every per-step random choice",
     "save_every": "save prefix + resumable state every N steps (and at the end)",
     "plot_every": "refresh <outdir>/loss.png every N steps",
+    "log_every": "check for NaN/inf, log and update the progress bar every N steps (one host sync each time; "
+    "on a GPU 10 or more keeps the steps in between free of syncs)",
     "outdir": "output folder (embeddings/, log.jsonl, loss.png, train_state.pt)",
     "resume": "continue from a train_state.pt ('auto' = <outdir>/train_state.pt)",
     "num_vectors": "learned vectors that replace the placeholder token",

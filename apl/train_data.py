@@ -34,6 +34,14 @@ class TrainData:
     def general_is_moments(self) -> bool:
         return self.general_latents is not None and self.general_latents.shape[1] == 8
 
+    def to(self, device: torch.device | str) -> TrainData:
+        """Move the latents (the only tensors) to `device`, in place; returns self."""
+        if self.face_latents is not None:
+            self.face_latents = self.face_latents.to(device)
+        if self.general_latents is not None:
+            self.general_latents = self.general_latents.to(device)
+        return self
+
     def describe(self) -> str:
         nf, ng = len(self.face_names), len(self.general_captions)
         kind = "images" if self.general_is_moments else "self-generated latents"
@@ -97,16 +105,24 @@ def step_noise(
 def clean_latents(
     data: TrainData, plan: list[PlannedSample], vae_noise: torch.Tensor, scale_factor: float
 ) -> torch.Tensor:
-    """z_0 (b, 4, h, w) of planned samples: scale * (mean + std * eps) for images, the stored z_0 otherwise."""
-    out = []
-    for p, eps in zip(plan, vae_noise, strict=False):
-        if p.kind == "id":
-            lat, moments = data.face_latents[p.index], True
-        else:
-            lat, moments = data.general_latents[p.index], data.general_is_moments
+    """z_0 (b, 4, h, w) of planned samples on the latents' device: scale * (mean + std * eps) for images, the
+    stored z_0 otherwise. Index tensors go to the device with non_blocking copies, so no host sync happens."""
+    first = data.face_latents if data.face_latents is not None else data.general_latents
+    device = first.device
+    out = torch.empty((len(plan), *vae_noise.shape[1:]), device=device)
+    vae_noise = vae_noise.to(device, non_blocking=True)
+    for kind, latents, moments in (
+        ("id", data.face_latents, True),
+        ("general", data.general_latents, data.general_is_moments),
+    ):
+        rows = [i for i, p in enumerate(plan) if p.kind == kind]
+        if not rows:
+            continue
+        rows_t = torch.tensor(rows).to(device, non_blocking=True)
+        lat = latents.index_select(0, torch.tensor([plan[i].index for i in rows]).to(device, non_blocking=True))
         if moments:
-            mean, logvar = lat.float().chunk(2, dim=0)
-            out.append(scale_factor * (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps))
+            mean, logvar = lat.float().chunk(2, dim=1)
+            out[rows_t] = scale_factor * (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * vae_noise[rows_t])
         else:
-            out.append(lat.float())
-    return torch.stack(out)
+            out[rows_t] = lat.float()
+    return out

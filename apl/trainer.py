@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 42
     save_every: int = 500
     plot_every: int = 50
+    log_every: int = 1  # host syncs (NaN check, log, progress) every N steps; 10+ keeps a GPU step sync-free
     outdir: str = "outputs/APL"
     resume: str | None = None  # path to train_state.pt, or "auto" (outdir/train_state.pt)
     num_vectors: int = 10
@@ -117,8 +118,10 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--general_source {cfg.general_source!r}: choose auto, images or generated")
     if cfg.image_size % 8:
         raise UsageError(f"--image_size {cfg.image_size}: must be a multiple of 8")
-    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.num_vectors < 1 or cfg.save_every < 1:
-        raise UsageError("--iterations, --batch_size, --num_vectors and --save_every must be >= 1")
+    if min(cfg.iterations, cfg.batch_size, cfg.num_vectors, cfg.save_every, cfg.log_every, cfg.plot_every) < 1:
+        raise UsageError(
+            "--iterations, --batch_size, --num_vectors, --save_every, --log_every and --plot_every must be >= 1"
+        )
 
 
 def prepare_data(cfg: TrainConfig, model, fabric, report: SkipReport) -> TrainData:
@@ -211,7 +214,11 @@ def apl_loss(
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN/inf loss or gradient; carries the last prefix with a finite loss and its completed-step count."""
+
+    def __init__(self, message: str, last_good: list, last_good_step: int) -> None:
+        super().__init__(message)
+        self.last_good, self.last_good_step = last_good, last_good_step
 
 
 def _state_path(cfg: TrainConfig) -> Path:
@@ -250,6 +257,46 @@ def load_state(path: Path, em, opt, cfg: TrainConfig) -> int:
     return int(state["step"])
 
 
+def _check_window(window: list, last_good: list, last_good_step: int) -> tuple[list, int]:
+    """One host sync for a window of steps: stop at the first non-finite step, else advance the last good prefix.
+
+    The last good prefix is the one the last finite step of the window ran with (its loss was finite)."""
+    flags = torch.stack([w[4] for w in window]).cpu().tolist()
+    for (step, _, t_all, all_loss, _, before), ok in zip(window, flags, strict=True):
+        if not ok:
+            raise NonFiniteLoss(
+                f"loss or gradient became non-finite at step {step + 1} "
+                f"(loss {all_loss.cpu().tolist()}, t {t_all.tolist()})",
+                last_good,
+                last_good_step,
+            )
+        last_good, last_good_step = before, step
+    return last_good, last_good_step
+
+
+def _log_window(window: list, log: TrainLog, bar, opt, G: int, seconds: float) -> None:
+    """Write the window's per-step records and advance the progress bar."""
+    losses = torch.stack([w[3] for w in window]).float().cpu()  # (k, G)
+    sps = G * len(window) / max(seconds, 1e-9)
+    for (step, plan, t_all, *_), all_loss in zip(window, losses, strict=True):
+        kinds = [p.kind for p in plan]
+        rec = {
+            "step": step + 1,
+            "loss": float(all_loss.mean()),
+            "samples_per_s": round(sps, 3),
+            "t": t_all.tolist(),
+            "sample_loss": [round(float(v), 6) for v in all_loss],
+            "kind": kinds,
+            "lr": opt.param_groups[0]["lr"],
+        }
+        for kind in ("id", "general"):
+            v = [float(l_) for l_, k in zip(all_loss, kinds, strict=True) if k == kind]
+            rec[f"loss_{kind}"] = sum(v) / len(v) if v else None
+        log.add(rec)
+    bar.set_postfix(loss=f"{float(losses[-1].mean()):.4g}", samples_s=f"{sps:.2f}")
+    bar.update(len(window))
+
+
 def _save_prefix(em, cfg: TrainConfig, step: int, tag: str | None = None) -> Path:
     emb_dir = Path(cfg.outdir) / "embeddings"
     stem = f"{cfg.prompt}-{step}" if tag is None else f"{cfg.prompt}-{tag}"
@@ -286,7 +333,7 @@ def train(cfg: TrainConfig) -> Path:
         fabric.broadcast(p.data, src=0)
     opt = torch.optim.Adam(em.embedding_parameters(), lr=cfg.lr)
     report = SkipReport()
-    data = prepare_data(cfg, model, fabric, report)
+    data = prepare_data(cfg, model, fabric, report).to(device)  # latents live on the device: no per-step copies
     rank0 = fabric.is_global_zero
     if rank0:
         print(
@@ -309,6 +356,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.iterations, initial=start, desc="APL", unit="step", disable=not (rank0 and cfg.progress))
     # The prefix that last gave a finite loss, and its number of completed steps (restored on a NaN/inf).
     last_good, last_good_step = [p.detach().clone() for p in em.embedding_parameters()], start
+    window: list = []  # steps since the last host sync (see --log_every)
     step = start
     t_last = time.perf_counter()
     try:
@@ -317,53 +365,39 @@ def train(cfg: TrainConfig) -> Path:
             t_all, noise_all, vae_noise_all = step_noise(cfg.seed, step, G, shape, model.num_timesteps)
             mine = slice(rank * B, (rank + 1) * B)
             mplan = plan[mine]
-            z0 = clean_latents(data, mplan, vae_noise_all[mine], model.scale_factor).to(device)
-            t = t_all[mine].to(device)
-            z_t = model.q_sample(z0, t, noise_all[mine].to(device))
+            z0 = clean_latents(data, mplan, vae_noise_all[mine], model.scale_factor)
+            t = t_all[mine].to(device, non_blocking=True)
+            z_t = model.q_sample(z0, t, noise_all[mine].to(device, non_blocking=True))
             sample_loss = apl_loss(model, em, z_t, t, [p.private for p in mplan], [p.neutral for p in mplan], g)
-            loss = sample_loss.mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            sample_loss.mean().backward()
             for p in em.embedding_parameters():
                 p.grad = fabric.all_reduce(p.grad, reduce_op="mean")
-            all_loss = fabric.all_gather(sample_loss.detach()).reshape(-1).cpu()  # (G,) in plan order
-            grads_ok = all(torch.isfinite(p.grad).all() for p in em.embedding_parameters())
-            if not (torch.isfinite(all_loss).all() and grads_ok):
-                raise NonFiniteLoss(
-                    f"loss or gradient became non-finite at step {step + 1} "
-                    f"(loss {all_loss.tolist()}, t {t_all.tolist()})"
-                )
-            last_good, last_good_step = [p.detach().clone() for p in em.embedding_parameters()], step
+            # Everything below stays on the device until the next check: no host sync inside a window.
+            all_loss = fabric.all_gather(sample_loss.detach()).reshape(-1)  # (G,) in plan order
+            finite = torch.stack(
+                [torch.isfinite(all_loss).all()] + [torch.isfinite(p.grad).all() for p in em.embedding_parameters()]
+            ).all()
+            before = [p.detach().clone() for p in em.embedding_parameters()]  # the prefix this step was run with
             opt.step()
+            window.append((step, plan, t_all, all_loss, finite, before))
             done = step + 1
-            if rank0:
-                now = time.perf_counter()
-                sps = G / max(now - t_last, 1e-9)
-                t_last = now
-                kinds = [p.kind for p in plan]
-                rec = {
-                    "step": done,
-                    "loss": float(all_loss.mean()),
-                    "samples_per_s": round(sps, 3),
-                    "t": t_all.tolist(),
-                    "sample_loss": [round(float(v), 6) for v in all_loss],
-                    "kind": kinds,
-                    "lr": opt.param_groups[0]["lr"],
-                }
-                for kind in ("id", "general"):
-                    v = [float(l_) for l_, k in zip(all_loss, kinds, strict=False) if k == kind]
-                    rec[f"loss_{kind}"] = sum(v) / len(v) if v else None
-                log.add(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", samples_s=f"{sps:.2f}")
-                bar.update()
-                if done % cfg.plot_every == 0:
-                    log.plot(Path(cfg.outdir) / "loss.png")
-            if done % cfg.save_every == 0 or done == cfg.iterations:
+            save_now = done % cfg.save_every == 0 or done == cfg.iterations
+            if done % cfg.log_every == 0 or save_now:
+                last_good, last_good_step = _check_window(window, last_good, last_good_step)
+                if rank0:
+                    _log_window(window, log, bar, opt, G, time.perf_counter() - t_last)
+                    if done // cfg.plot_every > (done - len(window)) // cfg.plot_every:
+                        log.plot(Path(cfg.outdir) / "loss.png")
+                t_last = time.perf_counter()
+                window = []
+            if save_now:
                 if rank0:
                     final = _save_prefix(em, cfg, done)
                     save_state(_state_path(cfg), done, em, opt, cfg)
                 fabric.barrier()
     except NonFiniteLoss as e:
+        last_good, last_good_step = e.last_good, e.last_good_step
         tag = f"{last_good_step}-last-good"
         if rank0:
             with torch.no_grad():

@@ -15,7 +15,7 @@ TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-sd.yaml"
 SD_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Tiny models gain nothing from a second thread, and OpenMP's spin-waiting makes two threads many times slower
     # whenever another process shares the 2 cores. Full-size tests ask for more threads themselves.

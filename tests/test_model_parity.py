@@ -140,7 +140,15 @@ def test_text_encoder_matches_transformers_tiny(tiny_model):
 @pytest.mark.slow
 def test_full_size_parity(sd_config):
     """One full-size check of each part with random SD v1.5-size weights (CPU, small spatial size)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(min(4, os.cpu_count() or 1))
+    try:
+        _full_size_parity(sd_config)
+    finally:
+        torch.set_num_threads(threads)  # later tests compare runs bit for bit: keep the thread count they expect
+
+
+def _full_size_parity(sd_config):
     torch.manual_seed(0)
     model = randomize_(build_model(copy.deepcopy(sd_config)), std=0.02).eval().requires_grad_(False)
     sd = model.state_dict()

@@ -128,6 +128,23 @@ def test_resume_gives_the_uninterrupted_prefix(trained):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_fewer_host_syncs_change_nothing(trained):
+    """--log_every 4 (NaN check/log/progress once per 4 steps) trains and logs exactly like a check every step."""
+    assert (
+        train_script.main(_args(trained, "sync4", "--iterations", "6", "--save_every", "6", "--log_every", "4")) == 0
+    )
+    assert torch.equal(
+        _prefix(trained / "sync4" / "embeddings" / "APL-6.pt"), _prefix(trained / "full" / "embeddings" / "APL-6.pt")
+    )
+    logs = [
+        [json.loads(line) for line in (trained / d / "log.jsonl").read_text().splitlines()] for d in ("full", "sync4")
+    ]
+    for a, b in zip(*logs, strict=True):
+        assert {k: v for k, v in a.items() if k != "samples_per_s"} == {
+            k: v for k, v in b.items() if k != "samples_per_s"
+        }
+
+
 def test_general_images_in_metadata_layout(tmp_path):
     _faces(tmp_path / "faces")
     gen = tmp_path / "general"
@@ -235,7 +252,8 @@ def test_skips_are_counted_and_reported(tmp_path, capsys):
     assert "no attribute description for 'Nobody Known'" in out
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_prefix(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("log_every", ["1", "2"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_prefix(tmp_path, capsys, monkeypatch, log_every):
     import apl.trainer as trainer
 
     _faces(tmp_path / "faces")
@@ -247,7 +265,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_prefix(tmp_path, capsys, 
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(trainer, "apl_loss", loss_that_breaks)
-    assert train_script.main(_args(tmp_path, "nan", "--iterations", "5", "--save_every", "1")) == 2
+    args = _args(tmp_path, "nan", "--iterations", "5", "--save_every", "1", "--log_every", log_every)
+    assert train_script.main(args) == 2
     err = capsys.readouterr().err
     # Step 3 ran with the prefix after 2 updates and gave NaN: the prefix after 1 update is the last known good one.
     assert "non-finite at step 3" in err and "APL-1-last-good.pt" in err and "Traceback" not in err

@@ -63,8 +63,9 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
 
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise EmbeddingFileError(f"embedding file not found: {path} (pass the .pt/.safetensors file that train.py "
-                                 "wrote under embeddings/)")
+        raise EmbeddingFileError(
+            f"embedding file not found: {path} (pass the .pt/.safetensors file that train.py wrote under embeddings/)"
+        )
     if path.is_dir():
         raise EmbeddingFileError(f"{path} is a folder; pass the embedding file itself (.pt, .bin or .safetensors).")
     if path.stat().st_size == 0:
@@ -101,10 +102,13 @@ def _read_pickle(path: Path) -> object:
         raise EmbeddingFileError(
             f"refused to load {path}: it holds a pickled callable or object{what} that could run code when "
             "unpickled; APL reads only tensors and plain data from embedding files. If you trust its source, "
-            "re-save it as .safetensors elsewhere.") from e
+            "re-save it as .safetensors elsewhere."
+        ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise EmbeddingFileError(f"cannot read {path}: the file is truncated or not a PyTorch embedding file ({e}). "
-                                 "Copy or download it again.") from e
+        raise EmbeddingFileError(
+            f"cannot read {path}: the file is truncated or not a PyTorch embedding file ({e}). "
+            "Copy or download it again."
+        ) from e
 
 
 def _refuse_sdxl(entries: Mapping, path: Path) -> None:
@@ -123,7 +127,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, int], dict[str, torch.Tenso
         raise EmbeddingFileError(f"{path} holds no tensors.")
     prefix = "string_to_param."
     if any(k.startswith(prefix) for k in tensors):  # our own layout
-        params = {k[len(prefix):]: _vectors(v, k, path) for k, v in tensors.items() if k.startswith(prefix)}
+        params = {k[len(prefix) :]: _vectors(v, k, path) for k, v in tensors.items() if k.startswith(prefix)}
         meta: dict = {"format": raw_meta.get("format", FORMAT_NAME)}
         try:
             ids = json.loads(raw_meta.get("token_ids", "{}"))
@@ -134,8 +138,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, int], dict[str, torch.Tenso
         except (ValueError, TypeError) as e:
             raise EmbeddingFileError(f"{path}: malformed metadata ({e}); metadata was {raw_meta}.") from e
         if meta["format_version"] > FORMAT_VERSION:
-            raise EmbeddingFileError(f"{path} has format version {meta['format_version']}; this APL reads up to "
-                                     f"{FORMAT_VERSION}. Update APL.")
+            raise EmbeddingFileError(
+                f"{path} has format version {meta['format_version']}; this APL reads up to "
+                f"{FORMAT_VERSION}. Update APL."
+            )
         meta["base_model"] = raw_meta.get("base_model") or None
         meta["placeholders"] = list(params)
         tokens = {s: _to_int(ids[s], f"token id of {s!r}", path) for s in params if s in ids}
@@ -161,8 +167,10 @@ def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, int], dict[s
         return _read_safetensors(path)
     obj = _read_pickle(path)
     if not isinstance(obj, Mapping) or not obj:
-        raise EmbeddingFileError(f"{path} holds a {type(obj).__name__}, not an embedding dict (expected "
-                                 "'string_to_token'/'string_to_param' or {token: vectors}).")
+        raise EmbeddingFileError(
+            f"{path} holds a {type(obj).__name__}, not an embedding dict (expected "
+            "'string_to_token'/'string_to_param' or {token: vectors})."
+        )
     if "string_to_param" in obj:
         raw = obj["string_to_param"]
         raw = raw.parameters if isinstance(raw, _PickledParameterDict) else raw
@@ -176,15 +184,20 @@ def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, int], dict[s
         is_a1111 = set(params) == {A1111_PLACEHOLDER} and "name" in obj
         meta = {"format": "a1111" if is_a1111 else "original"}
         # A1111 and others add name/step/checkpoint fields; keep the plain ones.
-        meta |= {k: v for k, v in obj.items() if k not in ("string_to_param", "string_to_token")
-                 and (v is None or isinstance(v, (str, int, float)))}
+        meta |= {
+            k: v
+            for k, v in obj.items()
+            if k not in ("string_to_param", "string_to_token") and (v is None or isinstance(v, (str, int, float)))
+        }
         return tokens, params, meta
     _refuse_sdxl(obj, path)
     if all(isinstance(v, torch.Tensor) for v in obj.values()):  # diffusers .bin: {token: vectors}
         return {}, {str(k): _vectors(v, str(k), path) for k, v in obj.items()}, {"format": "diffusers"}
-    raise EmbeddingFileError(f"{path} is not an embedding file: keys {sorted(map(str, obj))[:8]}; expected "
-                             "'string_to_token'/'string_to_param' (APL, textual inversion, A1111) or {token: tensor} "
-                             "(diffusers). Is it a model checkpoint?")
+    raise EmbeddingFileError(
+        f"{path} is not an embedding file: keys {sorted(map(str, obj))[:8]}; expected "
+        "'string_to_token'/'string_to_param' (APL, textual inversion, A1111) or {token: tensor} "
+        "(diffusers). Is it a model checkpoint?"
+    )
 
 
 def _is_single_token(tokenizer, word: str) -> bool:
@@ -198,22 +211,31 @@ def _is_single_token(tokenizer, word: str) -> bool:
 class EmbeddingManager(nn.Module):
     """Learned vectors for placeholder words, spliced into CLIP token embeddings (the `embedding_manager` hook)."""
 
-    def __init__(self, embedder: nn.Module, placeholder_strings: Sequence[str] | None = None,
-                 num_vectors_per_token: int = 10, initializer_words: Sequence[str] | None = None,
-                 generator: torch.Generator | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        embedder: nn.Module,
+        placeholder_strings: Sequence[str] | None = None,
+        num_vectors_per_token: int = 10,
+        initializer_words: Sequence[str] | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__()
         for key, value in kwargs.items():
             if key not in _ORIGINAL_KWARGS:
                 raise TypeError(f"EmbeddingManager: unknown argument {key!r}.")
             if value != _ORIGINAL_KWARGS[key]:
-                raise ValueError(f"EmbeddingManager: {key}={value!r} is not supported (only the original default "
-                                 f"{_ORIGINAL_KWARGS[key]!r}, which APL trained with).")
+                raise ValueError(
+                    f"EmbeddingManager: {key}={value!r} is not supported (only the original default "
+                    f"{_ORIGINAL_KWARGS[key]!r}, which APL trained with)."
+                )
         placeholder_strings = list(placeholder_strings or [DEFAULT_PLACEHOLDER])
         if len(set(placeholder_strings)) != len(placeholder_strings):
             raise ValueError(f"EmbeddingManager: duplicate placeholder strings {placeholder_strings}.")
         if not isinstance(num_vectors_per_token, int) or num_vectors_per_token < 1:
-            raise ValueError(f"EmbeddingManager: num_vectors_per_token must be a positive integer, "
-                             f"got {num_vectors_per_token!r}.")
+            raise ValueError(
+                f"EmbeddingManager: num_vectors_per_token must be a positive integer, got {num_vectors_per_token!r}."
+            )
         token_embedding = embedder.transformer.text_model.embeddings.token_embedding
         self.tokenizer = embedder.tokenizer  # a plain object, not a submodule: the CLIP weights stay out of here
         self.num_vectors_per_token = num_vectors_per_token
@@ -260,9 +282,7 @@ class EmbeddingManager(nn.Module):
         slot = torch.full_like(ids, -1)  # (B, L) which placeholder a token is, -1 for ordinary tokens
         for k, token in enumerate(self.string_to_token_dict.values()):
             slot = torch.where(ids == token, k, slot)
-        is_placeholder = slot >= 0
-        if not bool(is_placeholder.any()):
-            return embedded_text
+        is_placeholder = slot >= 0  # no early exit for rows without it: `.any()` would make the GPU wait for the host
         # Expanded row: token i covers output positions [end_i - width_i, end_i). Output position j comes from the
         # token whose span holds j. This equals the original's loop (insert N vectors per occurrence, right to
         # left, cut to L after each insertion): every cut only drops the tail, so the kept prefix is the same.
@@ -289,19 +309,28 @@ class EmbeddingManager(nn.Module):
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
             tensors = {f"string_to_param.{s}": v for s, v in vectors.items()}
-            meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-                    "placeholders": json.dumps(list(vectors)), "num_vectors": str(self.num_vectors_per_token),
-                    "token_ids": json.dumps(self.string_to_token_dict), "width": str(self.token_dim),
-                    "base_model": base_model or "", "step": "" if step is None else str(int(step))}
+            meta = {
+                "format": FORMAT_NAME,
+                "format_version": str(FORMAT_VERSION),
+                "placeholders": json.dumps(list(vectors)),
+                "num_vectors": str(self.num_vectors_per_token),
+                "token_ids": json.dumps(self.string_to_token_dict),
+                "width": str(self.token_dim),
+                "base_model": base_model or "",
+                "step": "" if step is None else str(int(step)),
+            }
             _write_atomically(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
         elif suffix == ".pt":
             # The original layout exactly (0-d token tensors, a real ParameterDict) so the original code reads it.
-            data = {"string_to_token": {s: torch.tensor(t) for s, t in self.string_to_token_dict.items()},
-                    "string_to_param": nn.ParameterDict({s: nn.Parameter(v) for s, v in vectors.items()})}
+            data = {
+                "string_to_token": {s: torch.tensor(t) for s, t in self.string_to_token_dict.items()},
+                "string_to_param": nn.ParameterDict({s: nn.Parameter(v) for s, v in vectors.items()}),
+            }
             _write_atomically(path, lambda tmp: torch.save(data, tmp))
         else:
-            raise ValueError(f"EmbeddingManager.save: unknown file type {path.name!r}; use .pt (original layout) "
-                             "or .safetensors.")
+            raise ValueError(
+                f"EmbeddingManager.save: unknown file type {path.name!r}; use .pt (original layout) or .safetensors."
+            )
 
     def load(self, path: str | os.PathLike) -> None:
         """Load vectors from any supported file; placeholders, N and width must match this manager."""
@@ -316,23 +345,27 @@ class EmbeddingManager(nn.Module):
             if not (len(params) == 1 and len(ours) == 1 and label_only):
                 raise EmbeddingFileError(
                     f"{path} holds placeholders {sorted(params)} but this manager has {ours}; build it with "
-                    f"placeholder_strings={sorted(params)} or use EmbeddingManager.from_file(embedder, path).")
+                    f"placeholder_strings={sorted(params)} or use EmbeddingManager.from_file(embedder, path)."
+                )
             mapping = {next(iter(params)): ours[0]}
         for src, dst in mapping.items():
             if src != A1111_PLACEHOLDER and src in tokens and tokens[src] != self.string_to_token_dict[dst]:
                 raise EmbeddingFileError(
                     f"{path}: placeholder {src!r} has token id {tokens[src]} in the file but "
-                    f"{self.string_to_token_dict[dst]} with this tokenizer; it was made for another text encoder.")
+                    f"{self.string_to_token_dict[dst]} with this tokenizer; it was made for another text encoder."
+                )
             n, d = params[src].shape
             if d != self.token_dim:
                 raise EmbeddingFileError(
                     f"{path}: vectors of {src!r} are {d}-d but this text encoder is {self.token_dim}-d (SD v1.x uses "
-                    "768); the file belongs to another model family (SD 2.x: 1024) or the config is wrong.")
+                    "768); the file belongs to another model family (SD 2.x: 1024) or the config is wrong."
+                )
             if n != self.num_vectors_per_token:
                 raise EmbeddingFileError(
                     f"{path}: {src!r} has {n} vectors but this manager has num_vectors_per_token="
                     f"{self.num_vectors_per_token}; build it with num_vectors_per_token={n} or use "
-                    "EmbeddingManager.from_file(embedder, path).")
+                    "EmbeddingManager.from_file(embedder, path)."
+                )
         with torch.no_grad():  # copy in place: optimisers holding these Parameters stay valid
             for src, dst in mapping.items():
                 self.string_to_param_dict[dst].copy_(params[src])
@@ -346,8 +379,10 @@ class EmbeddingManager(nn.Module):
         if len(set(counts.values())) != 1:
             raise EmbeddingFileError(f"{path}: placeholders have different vector counts {counts}; APL uses one N.")
         # '*' (A1111) and diffusers export tokens like '<alz>' are labels, not one-token words: use the default.
-        names = [s if s != A1111_PLACEHOLDER and _is_single_token(embedder.tokenizer, s) else DEFAULT_PLACEHOLDER
-                 for s in params]
+        names = [
+            s if s != A1111_PLACEHOLDER and _is_single_token(embedder.tokenizer, s) else DEFAULT_PLACEHOLDER
+            for s in params
+        ]
         # A private generator: the placeholder init is overwritten, and the global RNG stream stays untouched.
         manager = cls(embedder, names, num_vectors_per_token=next(iter(counts.values())), generator=torch.Generator())
         manager._load_entries(Path(path), tokens, params, meta)
@@ -355,8 +390,10 @@ class EmbeddingManager(nn.Module):
 
     def _only_vectors(self, what: str) -> tuple[str, torch.Tensor]:
         if len(self.string_to_param_dict) != 1:
-            raise ValueError(f"{what} files hold one embedding; this manager has "
-                             f"{list(self.string_to_param_dict)}. Export a manager with one placeholder.")
+            raise ValueError(
+                f"{what} files hold one embedding; this manager has "
+                f"{list(self.string_to_param_dict)}. Export a manager with one placeholder."
+            )
         return next(iter(self._cpu_vectors().items()))
 
     def export_a1111(self, path: str | os.PathLike, name: str | None = None, step: int = 0) -> None:
@@ -366,9 +403,14 @@ class EmbeddingManager(nn.Module):
         _, vectors = self._only_vectors("AUTOMATIC1111")
         name = name or path.stem
         if path.suffix.lower() == ".pt":
-            data = {"string_to_token": {A1111_PLACEHOLDER: A1111_TOKEN_ID},
-                    "string_to_param": {A1111_PLACEHOLDER: vectors}, "name": name, "step": int(step),
-                    "sd_checkpoint": None, "sd_checkpoint_name": None}
+            data = {
+                "string_to_token": {A1111_PLACEHOLDER: A1111_TOKEN_ID},
+                "string_to_param": {A1111_PLACEHOLDER: vectors},
+                "name": name,
+                "step": int(step),
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+            }
             _write_atomically(path, lambda tmp: torch.save(data, tmp))
         elif path.suffix.lower() == ".safetensors":
             meta = {"name": name, "step": str(int(step))}
@@ -385,8 +427,10 @@ class EmbeddingManager(nn.Module):
         placeholder, vectors = self._only_vectors("diffusers textual-inversion")
         token = token or f"<{placeholder}>"
         if token in self.tokenizer.encoder:
-            raise ValueError(f"export_diffusers: {token!r} is already in the CLIP vocabulary, so diffusers' "
-                             f"load_textual_inversion would refuse it; use a new token such as '<{placeholder}>'.")
+            raise ValueError(
+                f"export_diffusers: {token!r} is already in the CLIP vocabulary, so diffusers' "
+                f"load_textual_inversion would refuse it; use a new token such as '<{placeholder}>'."
+            )
         if path.suffix.lower() == ".safetensors":
             _write_atomically(path, lambda tmp: save_safetensors({token: vectors}, tmp))
         elif path.suffix.lower() == ".bin":

@@ -159,7 +159,8 @@ class FrozenCLIPEmbedder(nn.Module):
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Prompts -> token ids (B, 77) on this module's device."""
         device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        return self.tokenizer(text).to(device)
+        # non_blocking: a fresh CPU tensor is staged at once, and the GPU queue is not drained (no host sync).
+        return self.tokenizer(text).to(device, non_blocking=True)
 
     def forward(self, text: str | Sequence[str], embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
         return self.transformer(self.tokenize(text), embedding_manager=embedding_manager)
