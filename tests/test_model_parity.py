@@ -12,61 +12,26 @@ import os
 import pytest
 import torch
 from conftest import randomize_
-from diffusers import AutoencoderKL as DAutoencoderKL
-from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_clip_checkpoint,
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-    create_unet_diffusers_config_from_ldm,
-    create_vae_diffusers_config_from_ldm,
-)
-from transformers import CLIPTextConfig as HFCLIPTextConfig
-from transformers import CLIPTextModel as HFCLIPTextModel
 
+from bench.baselines import diffusers_unet, diffusers_vae
+from bench.baselines import hf_text_model as _hf_text_model
 from ldm.checkpoint import build_model
+
+# The diffusers/transformers models are built by bench/baselines.py (one implementation for the tests and the
+# benchmark): our SD-layout state dict goes through diffusers' single-file converters and is loaded strictly.
 
 TOL = 1e-4
 
 
-def diffusers_unet(config: dict, sd: dict, device: str = "cpu") -> UNet2DConditionModel:
-    cfg = create_unet_diffusers_config_from_ldm(config, sd)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**cfg)
-    missing, unexpected = unet.load_state_dict(convert_ldm_unet_checkpoint(sd, cfg), strict=False, assign=True)
-    assert not missing and not unexpected, (missing[:5], unexpected[:5])
-    return unet.eval()
-
-
-def diffusers_vae(config: dict, sd: dict, device: str = "cpu") -> DAutoencoderKL:
-    cfg = create_vae_diffusers_config_from_ldm(config, sd)
-    with torch.device(device):
-        vae = DAutoencoderKL(**cfg)
-    missing, unexpected = vae.load_state_dict(convert_ldm_vae_checkpoint(sd, cfg), strict=False, assign=True)
-    assert not missing and not unexpected, (missing[:5], unexpected[:5])
-    return vae.eval()
-
-
-def hf_text_model(model, sd: dict, device: str = "cpu") -> HFCLIPTextModel:
+def hf_text_model(model, sd: dict, device: str = "cpu"):
+    """transformers' CLIPTextModel with the text-encoder weights of `sd` (shape from the model's config)."""
     c = model.cond_stage_model.config
-    cfg = HFCLIPTextConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.width,
-        intermediate_size=c.width * c.mlp_ratio,
-        num_hidden_layers=c.layers,
-        num_attention_heads=c.heads,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        layer_norm_eps=c.eps,
-    )
-    with torch.device(device):
-        hf = HFCLIPTextModel(cfg)
-    converted = convert_ldm_clip_checkpoint(sd)
-    # transformers 5.x CLIPTextModel has no `text_model.` level in its own state dict.
-    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")}
-    missing, unexpected = hf.load_state_dict(converted, strict=False, assign=True)
-    assert not missing and not unexpected, (missing[:5], unexpected[:5])
-    return hf.eval()
+    config = {
+        "model": {
+            "params": {"cond_stage_config": {"params": {"width": c.width, "layers": c.layers, "heads": c.heads}}}
+        }
+    }
+    return _hf_text_model(config, sd, device)
 
 
 def test_full_size_layout_matches_sd15_and_diffusers(sd_config):
