@@ -19,7 +19,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from ldm.models.diffusion.ddpm import SCHEDULE_KEYS, LatentDiffusion, schedule_tensors
-from ldm.util import atomic_save, instantiate_from_config, load_config
+from ldm.util import atomic_save, instantiate_from_config, load_config, load_weights_only, refused_global
 
 # Keys that real SD v1 files carry beyond the model's tensors; tolerated by name, never loaded.
 TOLERATED = (
@@ -89,13 +89,10 @@ def _check_path(path: Path) -> None:
 
 
 def _read_pickle(path: Path) -> object:
-    torch.serialization.add_safe_globals(_STUB_GLOBALS + _numpy_globals())
-    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return load_weights_only(path, _STUB_GLOBALS + _numpy_globals(), mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        m = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
-        what = f" ({m.group(1)})" if m else ""
+        what = refused_global(e)
         raise CheckpointError(
             f"refused to load {path}: it holds a pickled callable or object{what} that would run code when "
             "unpickled, and APL never executes code from weight files. Use a .safetensors copy of the model, "

@@ -7,11 +7,13 @@ file cannot make APL run arbitrary code.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -114,3 +116,20 @@ def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+# ----- weights-only unpickling: tensors and plain data only; named stand-ins for known harmless classes
+
+
+def load_weights_only(path: str | os.PathLike, stand_ins: list | tuple = (), mmap: bool = False) -> object:
+    """`torch.load(weights_only=True)` with `stand_ins` ((class, "module.Name") pairs) allowed for this call only.
+
+    Anything else that is not a tensor or plain data raises `pickle.UnpicklingError` and is never executed."""
+    with torch.serialization.safe_globals(list(stand_ins)):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def refused_global(error: Exception) -> str:
+    """' (module.name)' of the global that weights-only unpickling refused, for error messages ('' if unknown)."""
+    m = re.search(r"(?:GLOBAL|global|function|class) <?([\w.]+)", str(error))
+    return f" ({m.group(1)})" if m else ""

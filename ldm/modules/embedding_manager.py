@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from ldm.util import atomic_save
+from ldm.util import atomic_save, load_weights_only, refused_global
 
 DEFAULT_PLACEHOLDER = "alz"
 FORMAT_NAME = "apl-embedding"  # `format` metadata of our .safetensors files
@@ -94,17 +92,15 @@ def _vectors(value, name: str, path: Path) -> torch.Tensor:
 
 def _read_pickle(path: Path) -> object:
     try:
-        with torch.serialization.safe_globals(_SAFE_STAND_INS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path, _SAFE_STAND_INS)
     except pickle.UnpicklingError as e:
-        m = re.search(r"(?:GLOBAL|global|function|class) <?([\w.]+)", str(e))
-        what = f" ({m.group(1)})" if m else ""
+        what = refused_global(e)
         raise EmbeddingFileError(
             f"refused to load {path}: it holds a pickled callable or object{what} that could run code when "
             "unpickled; APL reads only tensors and plain data from embedding files. If you trust its source, "
             "re-save it as .safetensors elsewhere."
         ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
         raise EmbeddingFileError(
             f"cannot read {path}: the file is truncated or not a PyTorch embedding file ({e}). "
             "Copy or download it again."
