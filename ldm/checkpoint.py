@@ -100,7 +100,7 @@ def _read_pickle(path: Path) -> object:
         ) from e
     except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
         raise CheckpointError(
-            f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({e}). "
+            f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({type(e).__name__}: {e}). "
             "Download it again and compare its size/hash with the source."
         ) from e
 

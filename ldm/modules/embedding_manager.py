@@ -102,7 +102,7 @@ def _read_pickle(path: Path) -> object:
         ) from e
     except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
         raise EmbeddingFileError(
-            f"cannot read {path}: the file is truncated or not a PyTorch embedding file ({e}). "
+            f"cannot read {path}: the file is truncated or not a PyTorch embedding file ({type(e).__name__}: {e}). "
             "Copy or download it again."
         ) from e
 
