@@ -56,6 +56,7 @@ HELP = {
     "cache_dir": "where VAE latents of images and generated latents are cached",
     "gradient_checkpointing": "recompute UNet activations in backward (less memory, slower)",
     "compile": "torch.compile the UNet (GPU; first steps are slow while it compiles)",
+    "compile_mode": "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune",
     "accelerator": "auto, cuda or cpu",
     "num_nodes": "nodes for multi-node data parallelism (launch with torchrun/SLURM as usual)",
     "progress": "show the progress bar",

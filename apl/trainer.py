@@ -69,6 +69,7 @@ class TrainConfig:
     cache_dir: str = "cache"
     gradient_checkpointing: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     accelerator: str = "auto"  # auto | cuda | cpu
     num_nodes: int = 1
     progress: bool = True
@@ -321,7 +322,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.gradient_checkpointing:
         model.model.diffusion_model.set_gradient_checkpointing(True)
     if cfg.compile:
-        model.model.diffusion_model = torch.compile(model.model.diffusion_model)
+        model.model.diffusion_model = torch.compile(model.model.diffusion_model, mode=cfg.compile_mode)
     em = EmbeddingManager(
         model.cond_stage_model,
         [cfg.placeholder],
