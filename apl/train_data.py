@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from apl.fingerprint import module_fingerprint
+from apl.generated import generate_general_latents
 from apl.images import SkipReport
-from apl.people import general_prompts, sample_identity_prompts
+from apl.latent_cache import LatentCache
+from apl.people import general_prompts, load_people, load_templates, sample_identity_prompts
+from apl.runtime import UsageError, shipped_file
 
 
 @dataclass
@@ -126,3 +131,80 @@ def clean_latents(
         else:
             out[rows_t] = lat.float()
     return out
+
+
+DEFAULT_PROMPTS_FILE = "prompts.txt"  # the shipped captions; a general folder's own prompts.txt wins over it
+
+
+def prepare_data(cfg, model, fabric, report: SkipReport) -> TrainData:
+    """Scan the data, then cache VAE moments of images / generate general latents (rank 0 first).
+
+    `cfg` is the trainer's TrainConfig; `fabric` the Lightning Fabric of the run."""
+    from apl.datasets import caption_only_samples, scan_face_folder, scan_general_folder
+
+    people = load_people(shipped_file(cfg.people_file))
+    templates = load_templates(shipped_file(cfg.templates_file))
+    prompts_file = shipped_file(cfg.prompts_file)
+    faces = scan_face_folder(cfg.face_dir, people, report, Path(cfg.people_file).name) if cfg.id_ratio > 0 else []
+    use_images = cfg.general_source == "images" or (cfg.general_source == "auto" and cfg.general_dir)
+    general = []
+    if cfg.id_ratio < 1:
+        if use_images:
+            if not cfg.general_dir:
+                raise UsageError("--general_source images needs --general_dir")
+            own = Path(cfg.general_dir) / "prompts.txt"  # the laion_<i> layout's captions usually sit beside it
+            use = own if own.is_file() and cfg.prompts_file == DEFAULT_PROMPTS_FILE else prompts_file
+            general = scan_general_folder(cfg.general_dir, report, use)
+        else:
+            general = caption_only_samples(prompts_file)
+        general = general[: cfg.max_general] if cfg.max_general else general
+    progress = cfg.progress and fabric.is_global_zero
+    device = fabric.device
+
+    def encode_moments(x: torch.Tensor) -> torch.Tensor:
+        post = model.encode_first_stage(x.to(device))
+        return torch.cat([post.mean, post.logvar], dim=1).float().cpu()
+
+    cache = LatentCache(
+        Path(cfg.cache_dir) / "latents", module_fingerprint(model.first_stage_model) + "-moments", cfg.image_size
+    )
+    with fabric.rank_zero_first():
+        enc = cache.encode_all([f.path for f in faces], encode_moments, 8, report, progress) if faces else {}
+        gen_img = (
+            cache.encode_all([g.path for g in general], encode_moments, 8, report, progress)
+            if (general and use_images)
+            else {}
+        )
+        gen_z0 = None
+        if general and not use_images:
+            gen_z0 = generate_general_latents(
+                model,
+                [g.caption for g in general],
+                Path(cfg.cache_dir) / "generated",
+                module_fingerprint(model),
+                steps=cfg.ddim_steps,
+                scale=cfg.start_guidance,
+                size=cfg.image_size,
+                seed=cfg.seed,
+                batch_size=8,
+                progress=progress,
+            )
+    faces = [f for f in faces if f.path in enc]
+    if cfg.id_ratio > 0 and not faces:
+        raise UsageError(f"no readable face images in {cfg.face_dir}:\n{report.summary()}")
+    if use_images:
+        general = [g for g in general if g.path in gen_img]
+        general_latents = torch.stack([gen_img[g.path] for g in general]) if general else None
+    else:
+        general_latents = torch.stack(gen_z0) if gen_z0 else None
+    if cfg.id_ratio < 1 and general_latents is None:
+        raise UsageError(f"no usable general samples:\n{report.summary()}")
+    return TrainData(
+        face_latents=torch.stack([enc[f.path] for f in faces]) if faces else None,
+        face_names=[f.name for f in faces],
+        general_latents=general_latents,
+        general_captions=[g.caption for g in general],
+        people=people,
+        templates=templates,
+        report=report,
+    )

@@ -15,14 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from apl.fingerprint import module_fingerprint
-from apl.generated import generate_general_latents
 from apl.images import SkipReport
 from apl.io import atomic_save
-from apl.latent_cache import LatentCache
-from apl.people import load_people, load_templates
-from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, pick_dtype, shipped_file
-from apl.train_data import TrainData, clean_latents, plan_batch, step_noise
+from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, pick_dtype
+from apl.train_data import DEFAULT_PROMPTS_FILE, clean_latents, plan_batch, prepare_data, step_noise
 from apl.train_log import TrainLog
 
 STATE_VERSION = 1
@@ -50,7 +46,7 @@ class TrainConfig:
     general_source: str = "auto"  # auto | images | generated
     people_file: str = "people.tsv"
     templates_file: str = "templates.txt"
-    prompts_file: str = "prompts.txt"
+    prompts_file: str = DEFAULT_PROMPTS_FILE
     max_general: int | None = None
     id_ratio: float = 0.5
     id_target: str = "attributes"  # attributes | empty
@@ -123,78 +119,6 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UsageError(
             "--iterations, --batch_size, --num_vectors, --save_every, --log_every and --plot_every must be >= 1"
         )
-
-
-def prepare_data(cfg: TrainConfig, model, fabric, report: SkipReport) -> TrainData:
-    """Scan the data, then cache VAE moments of images / generate general latents (rank 0 first)."""
-    from apl.datasets import caption_only_samples, scan_face_folder, scan_general_folder
-
-    people = load_people(shipped_file(cfg.people_file))
-    templates = load_templates(shipped_file(cfg.templates_file))
-    prompts_file = shipped_file(cfg.prompts_file)
-    faces = scan_face_folder(cfg.face_dir, people, report, Path(cfg.people_file).name) if cfg.id_ratio > 0 else []
-    use_images = cfg.general_source == "images" or (cfg.general_source == "auto" and cfg.general_dir)
-    general = []
-    if cfg.id_ratio < 1:
-        if use_images:
-            if not cfg.general_dir:
-                raise UsageError("--general_source images needs --general_dir")
-            own = Path(cfg.general_dir) / "prompts.txt"  # the laion_<i> layout's captions usually sit beside it
-            use = own if own.is_file() and cfg.prompts_file == TrainConfig.prompts_file else prompts_file
-            general = scan_general_folder(cfg.general_dir, report, use)
-        else:
-            general = caption_only_samples(prompts_file)
-        general = general[: cfg.max_general] if cfg.max_general else general
-    progress = cfg.progress and fabric.is_global_zero
-    device = fabric.device
-
-    def encode_moments(x: torch.Tensor) -> torch.Tensor:
-        post = model.encode_first_stage(x.to(device))
-        return torch.cat([post.mean, post.logvar], dim=1).float().cpu()
-
-    cache = LatentCache(
-        Path(cfg.cache_dir) / "latents", module_fingerprint(model.first_stage_model) + "-moments", cfg.image_size
-    )
-    with fabric.rank_zero_first():
-        enc = cache.encode_all([f.path for f in faces], encode_moments, 8, report, progress) if faces else {}
-        gen_img = (
-            cache.encode_all([g.path for g in general], encode_moments, 8, report, progress)
-            if (general and use_images)
-            else {}
-        )
-        gen_z0 = None
-        if general and not use_images:
-            gen_z0 = generate_general_latents(
-                model,
-                [g.caption for g in general],
-                Path(cfg.cache_dir) / "generated",
-                module_fingerprint(model),
-                steps=cfg.ddim_steps,
-                scale=cfg.start_guidance,
-                size=cfg.image_size,
-                seed=cfg.seed,
-                batch_size=8,
-                progress=progress,
-            )
-    faces = [f for f in faces if f.path in enc]
-    if cfg.id_ratio > 0 and not faces:
-        raise UsageError(f"no readable face images in {cfg.face_dir}:\n{report.summary()}")
-    if use_images:
-        general = [g for g in general if g.path in gen_img]
-        general_latents = torch.stack([gen_img[g.path] for g in general]) if general else None
-    else:
-        general_latents = torch.stack(gen_z0) if gen_z0 else None
-    if cfg.id_ratio < 1 and general_latents is None:
-        raise UsageError(f"no usable general samples:\n{report.summary()}")
-    return TrainData(
-        face_latents=torch.stack([enc[f.path] for f in faces]) if faces else None,
-        face_names=[f.name for f in faces],
-        general_latents=general_latents,
-        general_captions=[g.caption for g in general],
-        people=people,
-        templates=templates,
-        report=report,
-    )
 
 
 def apl_loss(
