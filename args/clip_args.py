@@ -209,12 +209,3 @@ def build_parser(description: str | None = None, groups: Sequence[str] = DEFAULT
         if name in groups:
             _ADDERS[name](p)
     return p
-
-
-def resolve_device(name: str) -> str:
-    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'; other names pass through."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

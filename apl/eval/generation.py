@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from apl.eval.faces import FaceBackendUnavailable
 from apl.eval.images import ImageReadError
 from apl.eval.quality import ClipWeightsMissing, InceptionWeightsMissing, strip_placeholder
-from apl.runtime import ROOT, UsageError, load_model_for_cli, pick_device, pick_dtype
+from apl.runtime import UsageError, load_model_for_cli, pick_device, pick_dtype, shipped_file
 from ldm.checkpoint import CheckpointError
 from ldm.sampling import save_image, txt2img
 from ldm.util import ConfigError
@@ -41,12 +41,7 @@ FACE_FILE = re.compile(r"^(?P<name>.+)-(?P<k>\d+)$")
 
 def shipped(path: str | os.PathLike | None) -> str | None:
     """A relative default such as `people.tsv`: taken from the working folder, else from the repository root."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_absolute() and not p.exists() and (ROOT / p).exists():
-        return str(ROOT / p)
-    return str(p)
+    return None if path is None else str(shipped_file(path))
 
 
 def name_offset(key: str) -> int:
