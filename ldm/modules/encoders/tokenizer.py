@@ -33,6 +33,7 @@ _SPECIAL_RE = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 _WORD_RE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""")
 _SPACE_RE = regex.compile(r"\s+")
 _CACHE_LIMIT = 200_000  # distinct words memoised per tokenizer
+_ROW_CACHE_LIMIT = 20_000  # distinct whole prompts memoised per tokenizer (616 bytes each)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -107,6 +108,7 @@ class CLIPTokenizer:
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         # Prompt sets repeat the same words thousands of times; BPE of a word is pure, so memoise it.
         self._cache: dict[str, tuple[str, ...]] = {}
+        self._rows: dict[str, torch.Tensor] = {}  # whole prompts -> ids (never handed out: stack copies)
         if len(self.encoder) != VOCAB_SIZE:  # duplicate merges collapse vocabulary entries and shift every id
             raise ValueError(
                 f"CLIP BPE merges file {bpe_path or default_bpe_path()} gives {len(self.encoder)} distinct tokens, "
@@ -177,12 +179,22 @@ class CLIPTokenizer:
         """(B, 77) ids: BOS, the first 75 content ids, EOS, then EOS padding."""
         if isinstance(texts, str):
             texts = [texts]
-        n = self.model_max_length
-        batch = torch.full((len(texts), n), self.pad_token_id, dtype=torch.long)
-        for row, text in enumerate(texts):
+        if not texts:
+            return torch.full((0, self.model_max_length), self.pad_token_id, dtype=torch.long)  # type: ignore
+        return torch.stack([self._row(text) for text in texts])  # type: ignore[return-value]
+
+    def _row(self, text: str) -> torch.Tensor:
+        """One prompt's (77,) ids, cached: training draws its prompts from a small set, over and over."""
+        row = self._rows.get(text)
+        if row is None:
+            n = self.model_max_length
             ids = [self.bos_token_id, *self.encode(text)[: n - 2], self.eos_token_id]
-            batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return batch  # type: ignore[return-value]
+            row = torch.full((n,), self.pad_token_id, dtype=torch.long)
+            row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+            if len(self._rows) >= _ROW_CACHE_LIMIT:
+                self._rows.clear()
+            self._rows[text] = row
+        return row
 
     def token_id(self, word: str) -> int:
         """Id of `word` if it is exactly one BPE token (as a placeholder must be); ValueError otherwise."""
