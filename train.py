@@ -57,6 +57,8 @@ HELP = {
     "gradient_checkpointing": "recompute UNet activations in backward (less memory, slower)",
     "compile": "torch.compile the UNet (GPU; first steps are slow while it compiles)",
     "compile_mode": "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune",
+    "cuda_graph": "capture the step's GPU work (text encoding, both UNet passes, backward) once in a CUDA graph and "
+    "replay it: no per-step Python or launch overhead; the batch size is fixed, the first step captures",
     "accelerator": "auto, cuda or cpu",
     "num_nodes": "nodes for multi-node data parallelism (launch with torchrun/SLURM as usual)",
     "progress": "show the progress bar",

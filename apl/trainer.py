@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from apl.images import SkipReport
 from apl.io import atomic_save
 from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, pick_dtype
+from apl.step import StaticStep
 from apl.train_data import DEFAULT_PROMPTS_FILE, clean_latents, plan_batch, prepare_data, step_noise
 from apl.train_log import TrainLog
 
@@ -66,6 +67,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    cuda_graph: bool = False  # capture the step's device work once in a CUDA graph and replay it (GPU)
     accelerator: str = "auto"  # auto | cuda | cpu
     num_nodes: int = 1
     progress: bool = True
@@ -115,27 +117,15 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--general_source {cfg.general_source!r}: choose auto, images or generated")
     if cfg.image_size % 8:
         raise UsageError(f"--image_size {cfg.image_size}: must be a multiple of 8")
+    if cfg.cuda_graph and cfg.compile:
+        raise UsageError(
+            "--cuda_graph and --compile exclude each other; for CUDA graphs with torch.compile use "
+            "--compile --compile_mode reduce-overhead"
+        )
     if min(cfg.iterations, cfg.batch_size, cfg.num_vectors, cfg.save_every, cfg.log_every, cfg.plot_every) < 1:
         raise UsageError(
             "--iterations, --batch_size, --num_vectors, --save_every, --log_every and --plot_every must be >= 1"
         )
-
-
-def apl_loss(
-    model,
-    em,
-    z_t: torch.Tensor,
-    t: torch.Tensor,
-    private: list[str],
-    neutral: list[str],
-    negative_guidance: float = 1.0,
-) -> torch.Tensor:
-    """Per-sample APL loss (B,): one no-grad UNet pass on the neutral prompt, one grad pass with the prefix."""
-    with torch.no_grad():
-        eps_n = model.apply_model(z_t, t, model.get_learned_conditioning(neutral)).float()
-    eps_p = model.apply_model(z_t, t, model.get_learned_conditioning(private, embedding_manager=em)).float()
-    target = eps_n - negative_guidance * (eps_p.detach() - eps_n)
-    return ((eps_p - target) ** 2).mean(dim=(1, 2, 3))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -241,6 +231,8 @@ def train(cfg: TrainConfig) -> Path:
     from ldm.modules.embedding_manager import EmbeddingManager
 
     device = fabric.device
+    if cfg.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda_graph needs a CUDA GPU; this run is on {device.type} (leave --cuda_graph out)")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     model = load_model_for_cli(cfg.config_path, cfg.ckpt_path, device, pick_dtype(precision, device), cfg.seed)
     if cfg.gradient_checkpointing:
@@ -277,7 +269,10 @@ def train(cfg: TrainConfig) -> Path:
     world, rank, B = fabric.world_size, fabric.global_rank, cfg.batch_size
     G = world * B
     shape = (model.channels, cfg.image_size // 8, cfg.image_size // 8)
-    g = cfg.negative_guidance
+    # The step's device work (text encoding, two UNet passes, loss, backward) on static buffers; with --cuda_graph
+    # it is captured once and replayed. Token ids: the tokenizer caches whole prompts, so a step rarely runs BPE.
+    device_step = StaticStep(model, em, B, shape, cfg.negative_guidance, graph=cfg.cuda_graph)
+    tokenize = model.cond_stage_model.tokenizer
     bar = tqdm(total=cfg.iterations, initial=start, desc="APL", unit="step", disable=not (rank0 and cfg.progress))
     # The prefix that last gave a finite loss, and its number of completed steps (restored on a NaN/inf).
     last_good, last_good_step = [p.detach().clone() for p in em.embedding_parameters()], start
@@ -291,13 +286,12 @@ def train(cfg: TrainConfig) -> Path:
             mine = slice(rank * B, (rank + 1) * B)
             mplan = plan[mine]
             z0 = clean_latents(data, mplan, vae_noise_all[mine], model.scale_factor)
-            t = t_all[mine].to(device, non_blocking=True)
-            z_t = model.q_sample(z0, t, noise_all[mine].to(device, non_blocking=True))
-            sample_loss = apl_loss(model, em, z_t, t, [p.private for p in mplan], [p.neutral for p in mplan], g)
-            opt.zero_grad(set_to_none=True)
-            sample_loss.mean().backward()
-            for p in em.embedding_parameters():
-                p.grad = fabric.all_reduce(p.grad, reduce_op="mean")
+            private_ids, neutral_ids = tokenize([p.private for p in mplan]), tokenize([p.neutral for p in mplan])
+            device_step.load(z0, t_all[mine], noise_all[mine], private_ids, neutral_ids)
+            static_loss, static_grads = device_step.run()  # overwritten by the next run: clone what is kept
+            sample_loss = static_loss.clone()
+            for p, grad in zip(em.embedding_parameters(), static_grads, strict=True):
+                p.grad = fabric.all_reduce(grad, reduce_op="mean")
             # Everything below stays on the device until the next check: no host sync inside a window.
             all_loss = fabric.all_gather(sample_loss.detach()).reshape(-1)  # (G,) in plan order
             finite = torch.stack(

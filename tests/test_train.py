@@ -16,7 +16,7 @@ from conftest import randomize_
 from PIL import Image
 
 import train as train_script
-from apl.trainer import apl_loss
+from apl.step import apl_loss
 from ldm.checkpoint import build_model
 from ldm.modules.embedding_manager import EmbeddingManager, read_embedding_file
 
@@ -254,17 +254,17 @@ def test_skips_are_counted_and_reported(tmp_path, capsys):
 
 @pytest.mark.parametrize("log_every", ["1", "2"])
 def test_non_finite_loss_stops_and_keeps_the_last_good_prefix(tmp_path, capsys, monkeypatch, log_every):
-    import apl.trainer as trainer
+    import apl.step as step
 
     _faces(tmp_path / "faces")
-    real, calls = trainer.apl_loss, {"n": 0}
+    real, calls = step.apl_loss, {"n": 0}
 
     def loss_that_breaks(*a, **kw):
         calls["n"] += 1
         out = real(*a, **kw)
         return out * float("nan") if calls["n"] == 3 else out
 
-    monkeypatch.setattr(trainer, "apl_loss", loss_that_breaks)
+    monkeypatch.setattr(step, "apl_loss", loss_that_breaks)
     args = _args(tmp_path, "nan", "--iterations", "5", "--save_every", "1", "--log_every", log_every)
     assert train_script.main(args) == 2
     err = capsys.readouterr().err

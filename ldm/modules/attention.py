@@ -9,9 +9,13 @@ from torch.utils.checkpoint import checkpoint
 
 
 def maybe_checkpoint(fn, *args, enabled: bool) -> torch.Tensor:
-    """Run `fn(*args)`, recomputing activations in backward when `enabled` and gradients are being recorded."""
+    """Run `fn(*args)`, recomputing activations in backward when `enabled` and gradients are being recorded.
+
+    The recomputed blocks draw no random numbers (SD's dropout is 0, and the frozen model is in eval mode), so no
+    RNG state is saved and restored: that is cheaper, and reading the CUDA RNG state is not allowed while a CUDA
+    graph is being captured (train.py --cuda_graph --gradient_checkpointing)."""
     if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
 
 

@@ -186,11 +186,16 @@ class LatentDiffusion(nn.Module):
             cond = torch.cat(list(cond), dim=1)
         return self.model(x_noisy, t, cond)
 
-    def get_learned_conditioning(self, prompts: str | Sequence[str], embedding_manager=None) -> torch.Tensor:
-        """Prompts -> text context (B, 77, 768); `embedding_manager` inserts the learned prefix."""
+    def get_learned_conditioning(
+        self, prompts: str | Sequence[str] | torch.Tensor, embedding_manager=None
+    ) -> torch.Tensor:
+        """Prompts (or their token ids (B, 77)) -> text context (B, 77, 768); `embedding_manager` inserts the
+        learned prefix."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self.cond_stage_model(list(prompts), embedding_manager=embedding_manager)
+        elif not isinstance(prompts, torch.Tensor):
+            prompts = list(prompts)
+        return self.cond_stage_model(prompts, embedding_manager=embedding_manager)
 
     def encode_first_stage(self, x: torch.Tensor):
         """Image in [-1, 1] (B, 3, H, W) -> DiagonalGaussianDistribution over unscaled latents."""

@@ -162,8 +162,12 @@ class FrozenCLIPEmbedder(nn.Module):
         # non_blocking: a fresh CPU tensor is staged at once, and the GPU queue is not drained (no host sync).
         return self.tokenizer(text).to(device, non_blocking=True)
 
-    def forward(self, text: str | Sequence[str], embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
-        return self.transformer(self.tokenize(text), embedding_manager=embedding_manager)
+    def forward(
+        self, text: str | Sequence[str] | torch.Tensor, embedding_manager: EmbeddingHook | None = None
+    ) -> torch.Tensor:
+        """Prompts, or token ids (B, 77) already on this module's device -> last hidden states (B, 77, width)."""
+        ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)
+        return self.transformer(ids, embedding_manager=embedding_manager)
 
     def encode(self, text: str | Sequence[str], embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
         return self(text, embedding_manager=embedding_manager)

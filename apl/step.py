@@ -1,0 +1,126 @@
+"""The APL loss, and one training step's device work on static buffers (capturable once in a CUDA graph).
+
+`StaticStep` owns fixed input buffers (z_0, t, noise, token ids of both prompts) and fixed outputs (per-sample
+loss, prefix gradients). `run()` computes, from whatever the inputs hold, q_sample, both text encodings (prefix
+inserted), the no-grad and the grad UNet pass, the APL loss and its backward. With `graph=True` (CUDA only) the
+first `run()` warms up on a side stream and captures all of that in one `torch.cuda.CUDAGraph`; every later
+`run()` is a single replay: no Python, no kernel launches one by one, no host sync. Without a graph the same body
+runs eagerly and its results are copied into the same outputs, so callers see identical aliasing either way:
+the outputs are overwritten by the next `run()`; clone what you keep.
+
+Not inside the step (and so free to change between steps): the optimizer update, the gradient all-reduce of data
+parallelism, the NaN checks, tokenisation and the gather of the planned latents. The prefix parameters must be
+updated in place (Adam does); replacing the tensor objects would leave the graph reading the old ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def apl_loss(
+    model,
+    em,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    private: Sequence[str] | torch.Tensor,
+    neutral: Sequence[str] | torch.Tensor,
+    negative_guidance: float = 1.0,
+) -> torch.Tensor:
+    """Per-sample APL loss (B,): one no-grad UNet pass on the neutral prompts, one grad pass with the prefix.
+
+    Prompts are strings or token ids (B, 77) on the model's device."""
+    with torch.no_grad():
+        eps_n = model.apply_model(z_t, t, model.get_learned_conditioning(neutral)).float()
+    eps_p = model.apply_model(z_t, t, model.get_learned_conditioning(private, embedding_manager=em)).float()
+    target = eps_n - negative_guidance * (eps_p.detach() - eps_n)
+    return ((eps_p - target) ** 2).mean(dim=(1, 2, 3))
+
+
+class StaticStep:
+    """Static inputs -> (per-sample loss (B,), prefix gradients); see the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        em,
+        batch: int,
+        latent_shape: tuple[int, int, int],
+        negative_guidance: float = 1.0,
+        graph: bool = False,
+        warmup: int = 3,
+    ) -> None:
+        device = model.device
+        if graph and device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a CUDA device; the model is on {device}")
+        self.model, self.em, self.g = model, em, negative_guidance
+        self.params = list(em.embedding_parameters())
+        self.use_graph, self.warmup = graph, warmup
+        length = model.cond_stage_model.config.max_length
+        self.z0 = torch.zeros((batch, *latent_shape), device=device)
+        self.noise = torch.zeros_like(self.z0)
+        self.t = torch.zeros(batch, dtype=torch.long, device=device)
+        self.private_ids = torch.zeros((batch, length), dtype=torch.long, device=device)
+        self.neutral_ids = torch.zeros_like(self.private_ids)
+        self.loss = torch.zeros(batch, device=device)
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def load(
+        self,
+        z0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        private_ids: torch.Tensor,
+        neutral_ids: torch.Tensor,
+    ) -> None:
+        """Copy one step's inputs into the static buffers (non-blocking: no host sync)."""
+        for buf, value in (
+            (self.z0, z0), (self.t, t), (self.noise, noise), (self.private_ids, private_ids),
+            (self.neutral_ids, neutral_ids),
+        ):  # fmt: skip
+            if value.shape != buf.shape:
+                raise ValueError(f"StaticStep.load: got shape {tuple(value.shape)}, the buffer is {tuple(buf.shape)}")
+            buf.copy_(value, non_blocking=True)
+
+    def _body(self) -> torch.Tensor:
+        """The step's device work: per-sample loss (B,) after backward; gradients land in p.grad."""
+        m = self.model
+        z_t = m.q_sample(self.z0, self.t, self.noise)
+        loss = apl_loss(m, self.em, z_t, self.t, self.private_ids, self.neutral_ids, self.g)
+        loss.mean().backward()
+        return loss.detach()
+
+    def _eager(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.loss.copy_(self._body())
+        for buf, p in zip(self.grads, self.params, strict=True):
+            buf.copy_(p.grad)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream (cuDNN/cuBLAS choose their kernels here)
+            for _ in range(self.warmup):
+                self._eager()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:
+            p.grad = None  # backward inside the capture then allocates the gradients from the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self._body()
+        self.grads = [p.grad for p in self.params]
+        self.graph = graph
+
+    def run(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Compute the step from the current inputs; returns the static (loss, grads), valid until the next run."""
+        if not self.use_graph:
+            self._eager()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        return self.loss, self.grads

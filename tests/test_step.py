@@ -1,0 +1,115 @@
+"""StaticStep: the training step on static buffers (eager on the CPU, one CUDA graph on a GPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from apl.step import StaticStep, apl_loss
+from ldm.checkpoint import build_model
+from ldm.modules.embedding_manager import EmbeddingManager
+
+PRIVATE = ["alz A photo of Tom Hanks", "alz a red car"]
+NEUTRAL = ["A photo of a male person, short brown hair.", "a red car"]
+# Ops that make the host wait for the device, or whose output shape depends on tensor values: either one breaks
+# CUDA graph capture (and costs a sync per step without a graph).
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item", "is_nonzero", "equal")
+
+
+def _inputs(model, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(batch, model.channels, 8, 8, generator=g)
+    noise = torch.randn(batch, model.channels, 8, 8, generator=g)
+    t = torch.randint(0, model.num_timesteps, (batch,), generator=g)
+    tok = model.cond_stage_model.tokenizer
+    return z0, t, noise, tok(PRIVATE[:batch]), tok(NEUTRAL[:batch])
+
+
+def _em(model, seed=0):
+    return EmbeddingManager(model.cond_stage_model, ["alz"], 4, generator=torch.Generator().manual_seed(seed))
+
+
+def test_static_step_equals_apl_loss_and_outputs_are_reused(tiny_model):
+    """run() gives the same loss and prefix gradient as apl_loss + backward on strings; the outputs are the same
+    tensors every run (the next run overwrites them), as they are with a CUDA graph."""
+    em = _em(tiny_model)
+    step = StaticStep(tiny_model, em, 2, (tiny_model.channels, 8, 8))
+    z0, t, noise, private_ids, neutral_ids = _inputs(tiny_model)
+    step.load(z0, t, noise, private_ids, neutral_ids)
+    loss, grads = step.run()
+    first_loss, first_grad = loss.clone(), grads[0].clone()
+
+    ref = apl_loss(tiny_model, em, tiny_model.q_sample(z0, t, noise), t, PRIVATE, NEUTRAL)
+    em.zero_grad(set_to_none=True)
+    ref.mean().backward()
+    ref_grad = em.embedding_parameters()[0].grad
+    assert torch.equal(first_loss, ref.detach()) and torch.equal(first_grad, ref_grad)
+    assert first_grad.abs().sum() > 0  # the gradient reaches the prefix
+
+    step.load(*_inputs(tiny_model, seed=1))
+    loss2, grads2 = step.run()
+    assert loss2 is loss and grads2[0] is grads[0]  # static outputs: clone what you keep
+    assert not torch.equal(loss2, first_loss)
+
+
+def test_static_step_body_has_no_host_sync(tiny_model):
+    """The step's device work contains no op that syncs with the host or has a value-dependent shape."""
+    em = _em(tiny_model)
+    step = StaticStep(tiny_model, em, 2, (tiny_model.channels, 8, 8))
+    step.load(*_inputs(tiny_model))
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step._body()
+    assert "convolution" in seen and "_scaled_dot_product_flash_attention_for_cpu" in seen  # it did record the step
+    assert "searchsorted" in seen  # the prefix insertion ran, without a sync
+    bad = sorted(op for op in seen if op in SYNCING_OPS)
+    assert not bad, f"host-syncing ops inside the training step: {bad}"
+
+
+def test_load_checks_shapes(tiny_model):
+    step = StaticStep(tiny_model, _em(tiny_model), 2, (tiny_model.channels, 8, 8))
+    z0, t, noise, p, n = _inputs(tiny_model)
+    with pytest.raises(ValueError, match=r"got shape \(1, 77\), the buffer is \(2, 77\)"):
+        step.load(z0, t, noise, p[:1], n)
+
+
+def test_graph_needs_cuda(tiny_model):
+    with pytest.raises(ValueError, match="CUDA graph needs a CUDA device"):
+        StaticStep(tiny_model, _em(tiny_model), 2, (tiny_model.channels, 8, 8), graph=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_cuda_graph_replays_like_eager(tiny_config, dtype, grad_ckpt):
+    """Five Adam steps with the captured graph equal five eager steps (losses, gradients, final prefix)."""
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(tiny_config)).to("cuda").set_precision(dtype).eval().requires_grad_(False)
+    model.model.diffusion_model.set_gradient_checkpointing(grad_ckpt)
+    runs = {}
+    for graph in (False, True):
+        em = _em(model).to("cuda")
+        opt = torch.optim.Adam(em.embedding_parameters(), lr=1e-2)
+        step = StaticStep(model, em, 2, (model.channels, 8, 8), graph=graph)
+        losses, grads = [], []
+        for s in range(5):
+            step.load(*(x.cuda() for x in _inputs(model, seed=s)))
+            loss, g = step.run()
+            losses.append(loss.clone())
+            grads.append(g[0].clone())
+            em.embedding_parameters()[0].grad = g[0]
+            opt.step()
+        runs[graph] = (torch.stack(losses), torch.stack(grads), em.embedding_parameters()[0].detach().clone())
+        assert (step.graph is not None) == graph
+    for eager, graphed in zip(runs[False], runs[True], strict=True):
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
