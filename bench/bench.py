@@ -3,7 +3,8 @@
 Measured in one process, each workload with only its own models on the device (so peak memory is its own):
   original_style   diffusers fp32, batch 1: VAE encode, 2 text encodes, 3 UNet passes, MSE, Adam (the original)
   diffusers_bf16   diffusers bf16 + SDPA, cached latents, one no-grad + one grad UNet pass (per batch size)
-  ours             our model in bf16 with apl.trainer.apl_loss + Adam (optionally torch.compile, grad checkpointing)
+  ours             our training step as train.py runs it (apl.step.StaticStep + Adam), bf16; optionally
+                   torch.compile, gradient checkpointing, or a CUDA graph (--cuda_graph: rows 'ours_graph')
   sampling_*       DDIM + classifier-free guidance: diffusers' scheduler loop vs ldm.sampling.txt2img_latents
   decode           VAE decode of the sampled latents, timed on its own
   numerics         our bf16 vs fp32 outputs (the bf16 tolerance) and our fp32 vs diffusers fp32 (unchanged fp32 path)
@@ -68,7 +69,8 @@ def describe_env(args: argparse.Namespace, device: torch.device) -> dict:
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
         "compile_dynamic": args.compile_dynamic,
-        "grad_ckpt": args.grad_ckpt, "batches": args.batches, "iters": args.iters, "warmup": args.warmup,
+        "grad_ckpt": args.grad_ckpt, "cuda_graph": args.cuda_graph, "batches": args.batches,
+        "iters": args.iters, "warmup": args.warmup,
         "steps": args.steps, "scale": args.scale, "sample_batch": args.sample_batch,
         "sample_iters": args.sample_iters, "image_size": args.image_size, "num_vectors": args.num_vectors,
         "seed": args.seed, "skip": sorted(args.skip), "torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -127,6 +129,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="batch-size handling with --compile: auto (static, then one symbolic-batch graph), static "
                         "(one graph per batch size: longest compile), dynamic")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in our UNet")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="our training step captured in a CUDA graph (train.py --cuda_graph); rows 'ours_graph'")
     p.add_argument("--num_vectors", type=int, default=10, help="learned prefix vectors")
     p.add_argument("--skip", type=_skip_set, default=set(),
                    help=f"comma-separated workloads to leave out: {', '.join(SECTIONS + tuple(ALIASES))}")
@@ -148,6 +152,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.batches = _int_list(preset["batches"])
     if args.image_size % 8 or args.image_size < 8:
         p.error(f"--image_size {args.image_size}: must be a positive multiple of 8")
+    if args.cuda_graph and args.compile:
+        p.error("--cuda_graph and --compile exclude each other (--compile_mode reduce-overhead has CUDA graphs)")
     if args.iters < 1 or args.warmup < 0 or args.sample_iters < 1 or args.sample_batch < 1 or args.steps < 1:
         p.error("--iters, --sample_iters, --sample_batch and --steps must be >= 1, --warmup >= 0")
     return args
@@ -166,7 +172,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    bench = Workloads(args, load_config(ROOT / SIZES[args.size]["config"]), pick_device(args.device))
+    device = pick_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda_graph needs a CUDA GPU; this run is on {device}")
+    bench = Workloads(args, load_config(ROOT / SIZES[args.size]["config"]), device)
     res = bench.results
     res["meta"] = describe_env(args, bench.device)
     if args.baselines_from:

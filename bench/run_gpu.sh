@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The one prepared benchmark run for a lent NVIDIA H100/H200 (about 8 minutes in all). From the repo root:
+# The one prepared benchmark run for a lent NVIDIA H100/H200 (about 9 minutes in all). From the repo root:
 #
 #   OUT=bench-out bash bench/run_gpu.sh    # -> $OUT/env.txt, run.log, summary.md, one JSON per run
 #
-# It prints the GPU and versions, installs what is missing, then runs the full-size benchmark four times:
+# It prints the GPU and versions, installs what is missing, runs the CUDA-only tests (pytest -m cuda: the CUDA
+# graph step against eager), then the full-size benchmark five times:
 #   eager             all workloads, batches 1,8,32 (the baselines are measured here)
+#   graph             our training step captured in a CUDA graph (train.py --cuda_graph), batches 1,8,32
 #   compile_sampling  our sampler with torch.compile
-#   ckpt              our training step with gradient checkpointing, batches 1,32 (memory)
 #   compile           our training step with torch.compile, batches 32,1
+#   ckpt              our training step with gradient checkpointing, batches 1,32 (memory)
 # Later runs reuse the eager run's baselines (--baselines_from), so each JSON and table has its ratios.
 # Each run has its own time limit; one that does not fit in what is left is skipped and says so. The bench writes
 # its JSON after every measurement, so a run stopped by its limit still leaves what it measured.
@@ -21,14 +23,14 @@ cd "$(dirname "$0")/.."
 WHEELS="${WHEELS:-.whl}"
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     # Pure-Python wheels, pinned as in requirements*.txt; torch, transformers and the rest come with the GPU image.
-    spec() { grep -hiE "^$1==" requirements.txt requirements-dev.txt | head -n1; }
+    spec() { grep -hiE "^$1(==|>=)" requirements.txt requirements-dev.txt | head -n1; }
     python3 -m pip download --no-deps --only-binary=:all: -d "$WHEELS" "$(spec diffusers)" "$(spec open_clip_torch)"
     ls -l "$WHEELS"
     exit 0
 fi
 
 OUT="${OUT:-./bench-out}"
-BUDGET_S="${BENCH_BUDGET_S:-470}"  # the whole script, installs included
+BUDGET_S="${BENCH_BUDGET_S:-540}"  # the whole script, installs included (device call: timeout_s=590)
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -89,7 +91,7 @@ if [[ "${REQUIRE_GPU:-1}" == 1 ]]; then
 fi
 
 # --- benchmark runs: name, time limit (s), minimum time needed to start (s), bench arguments ---
-# All output goes to $OUT/run.log (the device tool brings back at most 8 files: env.txt, run.log, 4 JSON, summary).
+# All output goes to $OUT/run.log (the device tool brings back at most 8 files: env.txt, run.log, 5 JSON, summary).
 bench() {
     local name=$1 limit=$2 need=$3
     shift 3
@@ -117,16 +119,27 @@ bench() {
 reuse() { [[ -s "$OUT/eager.json" ]] && echo "--baselines_from $OUT/eager.json" || true; }
 
 : >"$OUT/run.log"
+# CUDA-only tests first (the captured training step must replay like the eager one): a minute at most.
+if [[ -z "${BENCH_SKIP_TESTS:-}" ]]; then
+    log "pytest -m cuda" | tee -a "$OUT/run.log"
+    set +e
+    timeout 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_step.py 2>&1 | tail -n 25 | tee -a "$OUT/run.log"
+    log "pytest -m cuda exited with ${PIPESTATUS[0]}" | tee -a "$OUT/run.log"
+    set -e
+fi
 bench eager 200 120 --batches 1,8,32
-# Compiled sampling first: one graph (batch 2 x sample_batch, no grad), about a minute.
+# The CUDA graph step: capture takes seconds, so all three batch sizes.
 # shellcheck disable=SC2046  # reuse prints nothing or two words
-bench compile_sampling 150 90 --compile --skip train,numerics,decode,sampling_diffusers $(reuse)
+bench graph 100 50 --batches 1,8,32 --cuda_graph --skip baselines,numerics,sampling $(reuse)
+# Compiled sampling: one graph (batch 2 x sample_batch, no grad), about a minute.
 # shellcheck disable=SC2046
-bench ckpt 80 50 --batches 1,32 --grad_ckpt --skip baselines,numerics,sampling $(reuse)
+bench compile_sampling 150 90 --compile --skip train,numerics,decode,sampling_diffusers $(reuse)
 # Compiled training: batch 32 (the throughput target), then 1 (the latency target). Every batch size and grad
 # mode is one more compilation (about a minute each), so batch 8 is left to the eager run.
 # shellcheck disable=SC2046
 bench compile 330 150 --batches 32,1 --compile --skip baselines,numerics,sampling $(reuse)
+# shellcheck disable=SC2046
+bench ckpt 80 50 --batches 1,32 --grad_ckpt --skip baselines,numerics,sampling $(reuse)
 
 # Every run's table in one file.
 sed -n '/^APL benchmark:/,/^results:/p' "$OUT/run.log" >"$OUT/summary.md"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from apl.io import atomic_write_text
-from apl.trainer import apl_loss
+from apl.step import StaticStep, apl_loss
 from bench.baselines import (
     PrefixInserter,
     attach_prefix,
@@ -276,23 +276,34 @@ class Workloads:
         em.to(dev)
         opt = torch.optim.Adam(em.embedding_parameters(), lr=1e-3)
         weights = _allocated_gib(dev)
+        params = em.embedding_parameters()
+        name = "ours_graph" if a.cuda_graph else "ours"
         for b in a.batches:
-            z0 = torch.randn(b, model.channels, self.latent_hw, self.latent_hw, device=dev)
+            shape = (model.channels, self.latent_hw, self.latent_hw)
+            z0 = torch.randn(b, *shape, device=dev)  # the trainer gathers cached latents on the device
             private, neutral = train_prompts(b)
+            # As apl.trainer.train does it: t and noise drawn on the CPU, prompts tokenized, all copied into the
+            # static step (captured in a CUDA graph with --cuda_graph), then Adam on the prefix.
+            device_step = StaticStep(model, em, b, shape, graph=a.cuda_graph)
 
-            def step(z0=z0, private=private, neutral=neutral) -> None:
-                t = torch.randint(0, model.num_timesteps, (z0.shape[0],), device=dev)
-                z_t = model.q_sample(z0, t, torch.randn_like(z0))
-                loss = apl_loss(model, em, z_t, t, private, neutral).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+            def step(z0=z0, private=private, neutral=neutral, device_step=device_step, shape=shape) -> None:
+                b = z0.shape[0]
+                t = torch.randint(0, model.num_timesteps, (b,))
+                noise = torch.randn(b, *shape)
+                device_step.load(z0, t, noise, self.tokenize(private), self.tokenize(neutral))
+                _, grads = device_step.run()
+                for p, grad in zip(params, grads, strict=True):
+                    p.grad = grad
                 opt.step()
 
             t = timed(step, a.iters, a.warmup, dev)
-            extra = dict(dtype=a.precision, compile=a.compile_mode if a.compile else False, grad_ckpt=a.grad_ckpt)
-            self.record("train", "ours", str(b), self._train_record(b, t, weights, **extra))
-            del z0, step
+            extra = dict(dtype=a.precision, compile=a.compile_mode if a.compile else False, grad_ckpt=a.grad_ckpt,
+                         cuda_graph=a.cuda_graph)
+            self.record("train", name, str(b), self._train_record(b, t, weights, **extra))
+            del z0, step, device_step
             gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()  # a captured graph's memory pool goes with it (compiled graphs stay)
 
     # --- sampling ---
 
