@@ -42,7 +42,8 @@ HELP = {
     "id_ratio": "probability that a sample is an identity sample",
     "id_target": "neutral target of identity samples: the attribute description, or the empty prompt",
     "batch_size": "samples per step per device",
-    "precision": "frozen-weight precision (the prefix is always fp32); auto = bf16 on GPU, fp32 on CPU",
+    "precision": "frozen-weight precision (the prefix is always fp32); auto = bf16 on GPU, fp32 on CPU; fp16 (GPUs "
+    "without bf16) trains with dynamic loss scaling",
     "seed": "seed of the prefix init and of every per-step random choice",
     "save_every": "save prefix + resumable state every N steps (and at the end)",
     "plot_every": "refresh <outdir>/loss.png every N steps",

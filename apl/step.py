@@ -40,7 +40,9 @@ def apl_loss(
 
 
 class StaticStep:
-    """Static inputs -> (per-sample loss (B,), prefix gradients); see the module docstring."""
+    """Static inputs -> (per-sample loss (B,), prefix gradients); see the module docstring.
+
+    With `scaler` (fp16) the gradients are those of loss * scale; `scaler.step(optimizer)` unscales them."""
 
     def __init__(
         self,
@@ -51,13 +53,14 @@ class StaticStep:
         negative_guidance: float = 1.0,
         graph: bool = False,
         warmup: int = 3,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         device = model.device
         if graph and device.type != "cuda":
             raise ValueError(f"a CUDA graph needs a CUDA device; the model is on {device}")
         self.model, self.em, self.g = model, em, negative_guidance
         self.params = list(em.embedding_parameters())
-        self.use_graph, self.warmup = graph, warmup
+        self.use_graph, self.warmup, self.scaler = graph, warmup, scaler
         length = model.cond_stage_model.config.max_length
         self.z0 = torch.zeros((batch, *latent_shape), device=device)
         self.noise = torch.zeros_like(self.z0)
@@ -90,7 +93,9 @@ class StaticStep:
         m = self.model
         z_t = m.q_sample(self.z0, self.t, self.noise)
         loss = apl_loss(m, self.em, z_t, self.t, self.private_ids, self.neutral_ids, self.g)
-        loss.mean().backward()
+        # With a GradScaler (fp16) the backward runs on loss * scale: the gradients come out scaled. The scale is a
+        # device tensor that the scaler updates in place, so a captured graph reads the current one on each replay.
+        (loss.mean() if self.scaler is None else self.scaler.scale(loss.mean())).backward()
         return loss.detach()
 
     def _eager(self) -> None:

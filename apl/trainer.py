@@ -140,7 +140,7 @@ def _state_path(cfg: TrainConfig) -> Path:
     return Path(cfg.outdir) / "train_state.pt"
 
 
-def save_state(path: Path, step: int, em, opt, cfg: TrainConfig) -> None:
+def save_state(path: Path, step: int, em, opt, cfg: TrainConfig, scaler=None) -> None:
     state = {
         "version": STATE_VERSION,
         "step": step,
@@ -148,10 +148,12 @@ def save_state(path: Path, step: int, em, opt, cfg: TrainConfig) -> None:
         "optimizer": opt.state_dict(),
         "config": asdict(cfg),
     }
+    if scaler is not None:
+        state["loss_scaler"] = scaler.state_dict()
     atomic_save(lambda p: torch.save(state, p), path)
 
 
-def load_state(path: Path, em, opt, cfg: TrainConfig) -> int:
+def load_state(path: Path, em, opt, cfg: TrainConfig, scaler=None) -> int:
     if not path.is_file():
         raise UsageError(f"--resume: no training state at {path} (it is written every --save_every steps)")
     try:
@@ -169,6 +171,8 @@ def load_state(path: Path, em, opt, cfg: TrainConfig) -> int:
         for k, v in state["prefix"].items():
             em.string_to_param_dict[k].copy_(v)
     opt.load_state_dict(state["optimizer"])
+    if scaler is not None and "loss_scaler" in state:
+        scaler.load_state_dict(state["loss_scaler"])
     return int(state["step"])
 
 
@@ -249,6 +253,11 @@ def train(cfg: TrainConfig) -> Path:
     for p in em.embedding_parameters():
         fabric.broadcast(p.data, src=0)
     opt = torch.optim.Adam(em.embedding_parameters(), lr=cfg.lr)
+    # fp16 gradients of the loss (a mean over 16k latent values) fall below fp16's range and flush to zero: scale
+    # the loss up before backward, unscale the prefix gradients (fp32) before Adam. An overflowing step is skipped
+    # and the scale halved (torch.amp.GradScaler); bf16 has fp32's range and needs none of this.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16) if precision == "fp16" else None
+    skipped = 0
     report = SkipReport()
     data = prepare_data(cfg, model, fabric, report).to(device)  # latents live on the device: no per-step copies
     rank0 = fabric.is_global_zero
@@ -262,7 +271,7 @@ def train(cfg: TrainConfig) -> Path:
 
     start = 0
     if cfg.resume:
-        start = load_state(_state_path(cfg) if cfg.resume == "auto" else Path(cfg.resume), em, opt, cfg)
+        start = load_state(_state_path(cfg) if cfg.resume == "auto" else Path(cfg.resume), em, opt, cfg, scaler)
         if rank0:
             print(f"resumed from step {start}")
     log = TrainLog(cfg.outdir, start) if rank0 else None
@@ -271,7 +280,7 @@ def train(cfg: TrainConfig) -> Path:
     shape = (model.channels, cfg.image_size // 8, cfg.image_size // 8)
     # The step's device work (text encoding, two UNet passes, loss, backward) on static buffers; with --cuda_graph
     # it is captured once and replayed. Token ids: the tokenizer caches whole prompts, so a step rarely runs BPE.
-    device_step = StaticStep(model, em, B, shape, cfg.negative_guidance, graph=cfg.cuda_graph)
+    device_step = StaticStep(model, em, B, shape, cfg.negative_guidance, graph=cfg.cuda_graph, scaler=scaler)
     tokenize = model.cond_stage_model.tokenizer
     bar = tqdm(total=cfg.iterations, initial=start, desc="APL", unit="step", disable=not (rank0 and cfg.progress))
     # The prefix that last gave a finite loss, and its number of completed steps (restored on a NaN/inf).
@@ -294,11 +303,25 @@ def train(cfg: TrainConfig) -> Path:
                 p.grad = fabric.all_reduce(grad, reduce_op="mean")
             # Everything below stays on the device until the next check: no host sync inside a window.
             all_loss = fabric.all_gather(sample_loss.detach()).reshape(-1)  # (G,) in plan order
-            finite = torch.stack(
-                [torch.isfinite(all_loss).all()] + [torch.isfinite(p.grad).all() for p in em.embedding_parameters()]
-            ).all()
+            checks = [torch.isfinite(all_loss).all()]
+            if scaler is None:  # with loss scaling, an overflowing gradient only skips the step (below)
+                checks += [torch.isfinite(p.grad).all() for p in em.embedding_parameters()]
+            finite = torch.stack(checks).all()
             before = [p.detach().clone() for p in em.embedding_parameters()]  # the prefix this step was run with
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:  # fp16: GradScaler reads its overflow flag on the host, one sync per step
+                scale = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                skipped += scaler.get_scale() < scale
+                if scaler.get_scale() < 1.0:
+                    raise NonFiniteLoss(
+                        f"fp16 gradients overflowed at every loss scale down to {scaler.get_scale():g} "
+                        f"(step {step + 1}, {skipped} steps skipped)",
+                        last_good,
+                        last_good_step,
+                    )
             window.append((step, plan, t_all, all_loss, finite, before))
             done = step + 1
             save_now = done % cfg.save_every == 0 or done == cfg.iterations
@@ -313,7 +336,7 @@ def train(cfg: TrainConfig) -> Path:
             if save_now:
                 if rank0:
                     final = _save_prefix(em, cfg, done)
-                    save_state(_state_path(cfg), done, em, opt, cfg)
+                    save_state(_state_path(cfg), done, em, opt, cfg, scaler)
                 fabric.barrier()
     except NonFiniteLoss as e:
         last_good, last_good_step = e.last_good, e.last_good_step
@@ -332,7 +355,7 @@ def train(cfg: TrainConfig) -> Path:
     except KeyboardInterrupt:
         if rank0:
             bar.close()
-            save_state(_state_path(cfg), step, em, opt, cfg)
+            save_state(_state_path(cfg), step, em, opt, cfg, scaler)
             path = _save_prefix(em, cfg, step)
             print(f"\ninterrupted: state of step {step} saved; continue with --resume auto ({path})")
         raise
@@ -341,5 +364,7 @@ def train(cfg: TrainConfig) -> Path:
         log.plot(Path(cfg.outdir) / "loss.png")
         if report:
             print(report.summary())
+        if scaler is not None:
+            print(f"fp16 loss scaling: {skipped} step(s) skipped for gradient overflow; scale {scaler.get_scale():g}")
         print(f"done: {cfg.iterations} steps; prefix {final}; log {log.path}; plot {Path(cfg.outdir) / 'loss.png'}")
     return Path(cfg.outdir) / "embeddings" / f"{cfg.prompt}-{cfg.iterations}.pt"

@@ -75,6 +75,27 @@ def test_static_step_body_has_no_host_sync(tiny_model):
     assert not bad, f"host-syncing ops inside the training step: {bad}"
 
 
+def test_fp16_needs_loss_scaling_and_gets_it(tiny_model):
+    """With fp16 weights the prefix gradient underflows to exactly zero (the loss is a mean over many latent values);
+    with a GradScaler the unscaled gradient matches the fp32 one."""
+    model = copy.deepcopy(tiny_model)
+    inputs = _inputs(model)
+
+    def prefix_grad(scaler=None) -> torch.Tensor:
+        em = _em(model)
+        step = StaticStep(model, em, 2, (model.channels, 8, 8), scaler=scaler)
+        step.load(*inputs)
+        _, grads = step.run()
+        return grads[0].clone() / (1.0 if scaler is None else scaler.get_scale())
+
+    ref = prefix_grad()
+    model.set_precision(torch.float16)
+    assert torch.count_nonzero(prefix_grad()) == 0
+    scaled = prefix_grad(torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    cos = torch.nn.functional.cosine_similarity(scaled.flatten().double(), ref.flatten().double(), dim=0)
+    assert cos > 0.99, float(cos)  # fp16's own rounding; unscaled, nothing at all survives
+
+
 def test_load_checks_shapes(tiny_model):
     step = StaticStep(tiny_model, _em(tiny_model), 2, (tiny_model.channels, 8, 8))
     z0, t, noise, p, n = _inputs(tiny_model)
@@ -89,10 +110,11 @@ def test_graph_needs_cuda(tiny_model):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_ckpt", [False, True])
 def test_cuda_graph_replays_like_eager(tiny_config, dtype, grad_ckpt):
-    """Five Adam steps with the captured graph equal five eager steps (losses, gradients, final prefix)."""
+    """Five Adam steps with the captured graph equal five eager steps (losses, gradients, final prefix); fp16 with
+    the loss scaler, as train.py runs it."""
     torch.manual_seed(0)
     model = build_model(copy.deepcopy(tiny_config)).to("cuda").set_precision(dtype).eval().requires_grad_(False)
     model.model.diffusion_model.set_gradient_checkpointing(grad_ckpt)
@@ -100,7 +122,8 @@ def test_cuda_graph_replays_like_eager(tiny_config, dtype, grad_ckpt):
     for graph in (False, True):
         em = _em(model).to("cuda")
         opt = torch.optim.Adam(em.embedding_parameters(), lr=1e-2)
-        step = StaticStep(model, em, 2, (model.channels, 8, 8), graph=graph)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16) if dtype == torch.float16 else None
+        step = StaticStep(model, em, 2, (model.channels, 8, 8), graph=graph, scaler=scaler)
         losses, grads = [], []
         for s in range(5):
             step.load(*(x.cuda() for x in _inputs(model, seed=s)))
@@ -108,7 +131,11 @@ def test_cuda_graph_replays_like_eager(tiny_config, dtype, grad_ckpt):
             losses.append(loss.clone())
             grads.append(g[0].clone())
             em.embedding_parameters()[0].grad = g[0]
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
         runs[graph] = (torch.stack(losses), torch.stack(grads), em.embedding_parameters()[0].detach().clone())
         assert (step.graph is not None) == graph
     for eager, graphed in zip(runs[False], runs[True], strict=True):
