@@ -19,7 +19,7 @@ from ldm.util import ConfigError
 
 HELP = {
     "prompt": "run name: prefixes are saved as <outdir>/embeddings/<prompt>-<step>.pt/.safetensors",
-    "train_method": "kept from the original command line; recorded in the file metadata (only the prefix trains)",
+    "train_method": "kept from the original command line; recorded in train_state.pt (only the prefix trains)",
     "start_guidance": "guidance scale of the DDIM samples drawn for general captions without images",
     "negative_guidance": "g in the target eps_n - g * (sg(eps_p) - eps_n)",
     "iterations": "training steps",

@@ -65,7 +65,7 @@ def load_people(path: str | os.PathLike[str]) -> dict[str, str]:
             raise ValueError(f"{where}: more than one tab; use exactly one tab between name and description")
         if "/" in name or "\\" in name:
             raise ValueError(f"{where}: name {name!r} contains a slash, which cannot appear in image file names")
-        if name.casefold() in description.casefold():
+        if re.search(rf"(?<!\w){re.escape(name.casefold())}(?!\w)", description.casefold()):  # whole words
             raise ValueError(
                 f"{where}: the description of {name!r} contains the name itself; describe attributes only "
                 "(the description is the anonymous training target)"

@@ -115,8 +115,10 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--id_target {cfg.id_target!r}: choose attributes or empty")
     if cfg.general_source not in ("auto", "images", "generated"):
         raise UsageError(f"--general_source {cfg.general_source!r}: choose auto, images or generated")
-    if cfg.image_size % 8:
-        raise UsageError(f"--image_size {cfg.image_size}: must be a multiple of 8")
+    if cfg.image_size % 8 or cfg.image_size < 8:
+        raise UsageError(f"--image_size {cfg.image_size}: must be a positive multiple of 8")
+    if cfg.max_general is not None and cfg.max_general < 1:
+        raise UsageError(f"--max_general {cfg.max_general}: must be >= 1 (leave it out to use every general sample)")
     if cfg.cuda_graph and cfg.compile:
         raise UsageError(
             "--cuda_graph and --compile exclude each other; for CUDA graphs with torch.compile use "
@@ -140,10 +142,11 @@ def _state_path(cfg: TrainConfig) -> Path:
     return Path(cfg.outdir) / "train_state.pt"
 
 
-def save_state(path: Path, step: int, em, opt, cfg: TrainConfig, scaler=None) -> None:
+def save_state(path: Path, step: int, em, opt, cfg: TrainConfig, scaler=None, world_size: int = 1) -> None:
     state = {
         "version": STATE_VERSION,
         "step": step,
+        "world_size": world_size,
         "prefix": {k: v.detach().cpu().clone() for k, v in em.string_to_param_dict.items()},
         "optimizer": opt.state_dict(),
         "config": asdict(cfg),
@@ -153,14 +156,27 @@ def save_state(path: Path, step: int, em, opt, cfg: TrainConfig, scaler=None) ->
     atomic_save(lambda p: torch.save(state, p), path)
 
 
-def load_state(path: Path, em, opt, cfg: TrainConfig, scaler=None) -> int:
+def load_state(path: Path, em, opt, cfg: TrainConfig, scaler=None, world_size: int = 1) -> int:
+    """Restore prefix, Adam (with this run's --lr) and loss scaler from a train_state.pt; returns its step."""
+    not_state = (
+        f"--resume: {path} is not a training state (train_state.pt, written next to embeddings/ every "
+        "--save_every steps); a prefix file cannot be resumed from"
+    )
     if not path.is_file():
         raise UsageError(f"--resume: no training state at {path} (it is written every --save_every steps)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # damaged or foreign file: say which and why
-        raise UsageError(f"--resume: cannot read {path} ({e})") from e
+    except Exception as e:  # damaged or foreign file: say which and why (not torch's advice to unpickle it)
+        raise UsageError(f"{not_state} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not {"step", "prefix", "optimizer"} <= state.keys():
+        raise UsageError(not_state)
     old = state.get("config", {})
+    saved_world = int(state.get("world_size", world_size))
+    if saved_world != world_size:
+        raise UsageError(
+            f"--resume: {path} was trained by {saved_world} process(es), this run has {world_size}; the global batch "
+            "(processes x --batch_size) must stay the same to continue the same run"
+        )
     for key in ("placeholder", "num_vectors", "seed", "batch_size", "id_ratio", "id_target", "image_size"):
         if key in old and old[key] != getattr(cfg, key):
             raise UsageError(
@@ -171,6 +187,8 @@ def load_state(path: Path, em, opt, cfg: TrainConfig, scaler=None) -> int:
         for k, v in state["prefix"].items():
             em.string_to_param_dict[k].copy_(v)
     opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:  # the saved state carries the old learning rate; this run's --lr applies
+        group["lr"] = cfg.lr
     if scaler is not None and "loss_scaler" in state:
         scaler.load_state_dict(state["loss_scaler"])
     return int(state["step"])
@@ -216,10 +234,28 @@ def _log_window(window: list, log: TrainLog, bar, opt, G: int, seconds: float) -
     bar.update(len(window))
 
 
+def _mean_across_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Average `t` over the processes, in place (torch.distributed directly: Lightning's all_reduce puts a barrier
+    before every reduction, which blocks the host on a GPU)."""
+    if world > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
+        t.div_(world)
+    return t
+
+
+def _gather_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    """(B,) per process -> (world * B,) in rank order."""
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def _save_prefix(em, cfg: TrainConfig, step: int, tag: str | None = None) -> Path:
     emb_dir = Path(cfg.outdir) / "embeddings"
     stem = f"{cfg.prompt}-{step}" if tag is None else f"{cfg.prompt}-{tag}"
-    base = Path(cfg.ckpt_path).name if cfg.ckpt_path else Path(cfg.config_path).name
+    base = Path(cfg.ckpt_path).name if cfg.ckpt_path and not is_tiny(cfg.config_path) else Path(cfg.config_path).name
     em.save(emb_dir / f"{stem}.pt", step=step, base_model=base)
     em.save(emb_dir / f"{stem}.safetensors", step=step, base_model=base)
     if cfg.diffusers_config_path:
@@ -250,8 +286,9 @@ def train(cfg: TrainConfig) -> Path:
         [cfg.init_word] if cfg.init_word else None,
         generator=torch.Generator().manual_seed(cfg.seed),
     ).to(device)
-    for p in em.embedding_parameters():
-        fabric.broadcast(p.data, src=0)
+    with torch.no_grad():  # the seeded init is the same everywhere; rank 0's copy makes sure of it
+        for p in em.embedding_parameters():
+            p.copy_(fabric.broadcast(p.detach(), src=0))
     opt = torch.optim.Adam(em.embedding_parameters(), lr=cfg.lr)
     # fp16 gradients of the loss (a mean over 16k latent values) fall below fp16's range and flush to zero: scale
     # the loss up before backward, unscale the prefix gradients (fp32) before Adam. An overflowing step is skipped
@@ -271,7 +308,13 @@ def train(cfg: TrainConfig) -> Path:
 
     start = 0
     if cfg.resume:
-        start = load_state(_state_path(cfg) if cfg.resume == "auto" else Path(cfg.resume), em, opt, cfg, scaler)
+        path = _state_path(cfg) if cfg.resume == "auto" else Path(cfg.resume)
+        start = load_state(path, em, opt, cfg, scaler, fabric.world_size)
+        if start >= cfg.iterations:
+            raise UsageError(
+                f"--resume: {path} is at step {start} already; --iterations is the total number of steps "
+                f"({cfg.iterations}): raise it to train further"
+            )
         if rank0:
             print(f"resumed from step {start}")
     log = TrainLog(cfg.outdir, start) if rank0 else None
@@ -286,58 +329,75 @@ def train(cfg: TrainConfig) -> Path:
     # The prefix that last gave a finite loss, and its number of completed steps (restored on a NaN/inf).
     last_good, last_good_step = [p.detach().clone() for p in em.embedding_parameters()], start
     window: list = []  # steps since the last host sync (see --log_every)
-    step = start
+    completed = start  # optimizer steps taken: what a saved state and prefix file are labelled with
+    final = None
     t_last = time.perf_counter()
+
+    def flush() -> None:
+        """The host sync of a window: NaN check (raises NonFiniteLoss), log records, progress bar, plot."""
+        nonlocal window, last_good, last_good_step, t_last
+        pending, window = window, []
+        if not pending:
+            return
+        last_good, last_good_step = _check_window(pending, last_good, last_good_step)
+        if rank0:
+            _log_window(pending, log, bar, opt, G, time.perf_counter() - t_last)
+            if completed // cfg.plot_every > (completed - len(pending)) // cfg.plot_every:
+                log.plot(Path(cfg.outdir) / "loss.png")
+        t_last = time.perf_counter()
+
     try:
-        for step in range(start, cfg.iterations):
-            plan = plan_batch(data, step, cfg.seed, G, cfg.id_ratio, cfg.placeholder, cfg.id_target)
-            t_all, noise_all, vae_noise_all = step_noise(cfg.seed, step, G, shape, model.num_timesteps)
-            mine = slice(rank * B, (rank + 1) * B)
-            mplan = plan[mine]
-            z0 = clean_latents(data, mplan, vae_noise_all[mine], model.scale_factor)
-            private_ids, neutral_ids = tokenize([p.private for p in mplan]), tokenize([p.neutral for p in mplan])
-            device_step.load(z0, t_all[mine], noise_all[mine], private_ids, neutral_ids)
-            static_loss, static_grads = device_step.run()  # overwritten by the next run: clone what is kept
-            sample_loss = static_loss.clone()
-            for p, grad in zip(em.embedding_parameters(), static_grads, strict=True):
-                p.grad = fabric.all_reduce(grad, reduce_op="mean")
-            # Everything below stays on the device until the next check: no host sync inside a window.
-            all_loss = fabric.all_gather(sample_loss.detach()).reshape(-1)  # (G,) in plan order
-            checks = [torch.isfinite(all_loss).all()]
-            if scaler is None:  # with loss scaling, an overflowing gradient only skips the step (below)
-                checks += [torch.isfinite(p.grad).all() for p in em.embedding_parameters()]
-            finite = torch.stack(checks).all()
-            before = [p.detach().clone() for p in em.embedding_parameters()]  # the prefix this step was run with
-            if scaler is None:
-                opt.step()
-            else:  # fp16: GradScaler reads its overflow flag on the host, one sync per step
-                scale = scaler.get_scale()
-                scaler.step(opt)
-                scaler.update()
-                skipped += scaler.get_scale() < scale
-                if scaler.get_scale() < 1.0:
+        try:
+            for step in range(start, cfg.iterations):
+                plan = plan_batch(data, step, cfg.seed, G, cfg.id_ratio, cfg.placeholder, cfg.id_target)
+                t_all, noise_all, vae_noise_all = step_noise(cfg.seed, step, G, shape, model.num_timesteps)
+                mine = slice(rank * B, (rank + 1) * B)
+                mplan = plan[mine]
+                z0 = clean_latents(data, mplan, vae_noise_all[mine], model.scale_factor)
+                private_ids, neutral_ids = tokenize([p.private for p in mplan]), tokenize([p.neutral for p in mplan])
+                device_step.load(z0, t_all[mine], noise_all[mine], private_ids, neutral_ids)
+                static_loss, static_grads = device_step.run()  # overwritten by the next run: clone what is kept
+                for p, grad in zip(em.embedding_parameters(), static_grads, strict=True):
+                    p.grad = _mean_across_ranks(grad, world)  # in place on the static gradient: used up below
+                # Everything below stays on the device until the next check: no host sync inside a window.
+                all_loss = _gather_ranks(static_loss.clone(), world)  # (G,) in plan order
+                checks = [torch.isfinite(all_loss).all()]
+                if scaler is None:  # with loss scaling, an overflowing gradient only skips the step (below)
+                    checks += [torch.isfinite(p.grad).all() for p in em.embedding_parameters()]
+                finite = torch.stack(checks).all()
+                before = [p.detach().clone() for p in em.embedding_parameters()]  # the prefix this step ran with
+                if scaler is None:
+                    opt.step()
+                else:  # fp16: GradScaler reads its overflow flag on the host, one sync per step
+                    scale = scaler.get_scale()
+                    scaler.step(opt)
+                    scaler.update()
+                    skipped += scaler.get_scale() < scale
+                completed = step + 1
+                window.append((step, plan, t_all, all_loss, finite, before))
+                if scaler is not None and scaler.get_scale() < 1.0:
                     raise NonFiniteLoss(
                         f"fp16 gradients overflowed at every loss scale down to {scaler.get_scale():g} "
-                        f"(step {step + 1}, {skipped} steps skipped)",
+                        f"(step {completed}, {skipped} steps skipped)",
                         last_good,
                         last_good_step,
                     )
-            window.append((step, plan, t_all, all_loss, finite, before))
-            done = step + 1
-            save_now = done % cfg.save_every == 0 or done == cfg.iterations
-            if done % cfg.log_every == 0 or save_now:
-                last_good, last_good_step = _check_window(window, last_good, last_good_step)
-                if rank0:
-                    _log_window(window, log, bar, opt, G, time.perf_counter() - t_last)
-                    if done // cfg.plot_every > (done - len(window)) // cfg.plot_every:
-                        log.plot(Path(cfg.outdir) / "loss.png")
-                t_last = time.perf_counter()
-                window = []
-            if save_now:
-                if rank0:
-                    final = _save_prefix(em, cfg, done)
-                    save_state(_state_path(cfg), done, em, opt, cfg, scaler)
-                fabric.barrier()
+                save_now = completed % cfg.save_every == 0 or completed == cfg.iterations
+                if completed % cfg.log_every == 0 or save_now:
+                    flush()
+                if save_now:
+                    if rank0:
+                        final = _save_prefix(em, cfg, completed)
+                        save_state(_state_path(cfg), completed, em, opt, cfg, scaler, world)
+                    fabric.barrier()
+        except KeyboardInterrupt:
+            flush()  # the steps since the last sync are checked and logged too (a NaN among them: handled below)
+            if rank0:
+                bar.close()
+                save_state(_state_path(cfg), completed, em, opt, cfg, scaler, world)
+                path = _save_prefix(em, cfg, completed)
+                print(f"\ninterrupted: state after {completed} steps saved; continue with --resume auto ({path})")
+            raise
     except NonFiniteLoss as e:
         last_good, last_good_step = e.last_good, e.last_good_step
         tag = f"{last_good_step}-last-good"
@@ -348,17 +408,11 @@ def train(cfg: TrainConfig) -> Path:
             _save_prefix(em, cfg, last_good_step, tag=tag)
             log.plot(Path(cfg.outdir) / "loss.png")
             bar.close()
+        fabric.barrier()  # every rank stops at the same step; rank 0 saves before any of them exits
         raise UsageError(
             f"{e}. Training stopped; the last prefix with a finite loss (after {last_good_step} steps) was saved as "
             f"{Path(cfg.outdir) / 'embeddings' / f'{cfg.prompt}-{tag}.pt'}. Try a lower --lr or --precision fp32/bf16."
         ) from None
-    except KeyboardInterrupt:
-        if rank0:
-            bar.close()
-            save_state(_state_path(cfg), step, em, opt, cfg, scaler)
-            path = _save_prefix(em, cfg, step)
-            print(f"\ninterrupted: state of step {step} saved; continue with --resume auto ({path})")
-        raise
     bar.close()
     if rank0:
         log.plot(Path(cfg.outdir) / "loss.png")

@@ -115,6 +115,16 @@ def test_load_people_errors(tmp_path, text, message):
         load_people(f)
 
 
+def test_name_check_matches_whole_words(tmp_path):
+    """'Al' is not inside 'male': only the name as a word of its own is refused in a description."""
+    f = tmp_path / "p.tsv"
+    f.write_text("Al\tA male person, short hair.\nPink\tA female person, pinkish hair.\n", encoding="utf-8")
+    assert set(load_people(f)) == {"Al", "Pink"}
+    f.write_text("Al\tA male person like Al, short hair.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="contains the name"):
+        load_people(f)
+
+
 def test_load_people_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"people file .*nope\.tsv"):
         load_people(tmp_path / "nope.tsv")

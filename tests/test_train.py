@@ -150,6 +150,55 @@ def test_fp16_trains_with_loss_scaling_and_resumes(trained, tiny_config, capsys,
     assert moved.min() > 1e-4, "some prefix values did not move"
 
 
+def test_resume_refusals_and_new_lr(trained, capsys):
+    """Resuming a finished run, from a prefix file or from a file that is no state gives one clear message; a new
+    --lr applies after a resume (the saved optimizer state holds the old one)."""
+    import shutil
+
+    shutil.copytree(trained / "full", trained / "again")
+    cases = [
+        (["--iterations", "6", "--resume", "auto"], "is at step 6 already; --iterations is the total"),
+        (["--resume", str(trained / "full" / "embeddings" / "APL-3.pt")], "is not a training state"),
+    ]
+    torch.save({"step": 3}, trained / "not_state.pt")
+    cases.append((["--resume", str(trained / "not_state.pt")], "is not a training state"))
+    for extra, message in cases:
+        assert train_script.main(_args(trained, "again", *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "weights_only=False" not in err, err
+    args = _args(trained, "again", "--iterations", "7", "--resume", "auto", "--lr", "0.05")
+    assert train_script.main(args) == 0
+    last = json.loads((trained / "again" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 7 and last["lr"] == 0.05
+
+
+@pytest.mark.parametrize("log_every", ["1", "3"])
+def test_interrupt_saves_completed_steps_and_resumes_exactly(trained, monkeypatch, log_every):
+    """Ctrl-C after an optimizer step (here: while the loss plot is drawn) saves the state of the completed steps
+    and the pending log window; the resumed run equals the uninterrupted one and its log has every step once."""
+    from apl.train_log import TrainLog
+
+    real_plot, calls = TrainLog.plot, {"n": 0}
+
+    def plot_then_interrupt(self, path):
+        calls["n"] += 1
+        real_plot(self, path)
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainLog, "plot", plot_then_interrupt)
+    out = f"int{log_every}"
+    common = ("--save_every", "3", "--plot_every", "2", "--log_every", log_every)
+    assert train_script.main(_args(trained, out, "--iterations", "6", *common)) == 130
+    state = torch.load(trained / out / "train_state.pt", weights_only=True)
+    assert state["step"] == state["optimizer"]["state"][0]["step"]  # labelled with the steps Adam has taken
+    assert train_script.main(_args(trained, out, "--iterations", "6", *common, "--resume", "auto")) == 0
+    full = _prefix(trained / "full" / "embeddings" / "APL-6.pt")
+    assert torch.equal(_prefix(trained / out / "embeddings" / "APL-6.pt"), full)
+    steps = [json.loads(line)["step"] for line in (trained / out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_fewer_host_syncs_change_nothing(trained):
     """--log_every 4 (NaN check/log/progress once per 4 steps) trains and logs exactly like a check every step."""
     assert (
@@ -245,6 +294,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         (["--accelerator", "cuda", "--devices", "0,7"], None, "--devices 0,7"),
         (["--general_source", "images", "--general_dir", "GEN"], "uncaptioned", "no caption layout"),
         (["--people_file", "PEOPLE"], "people", "no usable face images"),
+        (["--max_general", "0"], None, "--max_general 0: must be >= 1"),
+        (["--image_size", "0"], None, "--image_size 0: must be a positive multiple of 8"),
+        (["--cuda_graph"], None, "--cuda_graph needs a CUDA GPU"),
     ],
 )
 def test_bad_input_messages(tmp_path, capsys, extra, setup, message):
