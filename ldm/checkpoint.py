@@ -19,7 +19,14 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from ldm.models.diffusion.ddpm import SCHEDULE_KEYS, LatentDiffusion, schedule_tensors
-from ldm.util import atomic_save, instantiate_from_config, load_config, load_weights_only, refused_global
+from ldm.util import (
+    atomic_save,
+    instantiate_from_config,
+    load_config,
+    load_weights_only,
+    refused_global,
+    sniff_weights_file,
+)
 
 # Keys that real SD v1 files carry beyond the model's tensors; tolerated by name, never loaded.
 TOLERATED = (
@@ -47,7 +54,11 @@ class _IgnoredPickledObject:
 
 
 # Training-state classes seen inside SD `.ckpt` files; they are rebuilt as inert stand-ins, never imported.
-_STUB_GLOBALS = [(_IgnoredPickledObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+_STUB_GLOBALS = [
+    (_IgnoredPickledObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    # An embedding file (textual inversion / APL .pt) passed as the model: read it, then say what it is.
+    (_IgnoredPickledObject, "torch.nn.modules.container.ParameterDict"),
+]
 
 
 def _numpy_globals() -> list:
@@ -93,6 +104,11 @@ def _read_pickle(path: Path) -> object:
         return load_weights_only(path, _STUB_GLOBALS + _numpy_globals(), mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         what = refused_global(e)
+        if not what:  # no refused class: the bytes are no pickle at all (torch: "Unsupported operand")
+            raise CheckpointError(
+                f"cannot read {path}: it is not a PyTorch checkpoint (no pickle inside). Download it again and "
+                "compare its size/hash with the source."
+            ) from None
         raise CheckpointError(
             f"refused to load {path}: it holds a pickled callable or object{what} that would run code when "
             "unpickled, and APL never executes code from weight files. Use a .safetensors copy of the model, "
@@ -109,7 +125,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint: top-level or under `state_dict`; `.safetensors` or weights-only pickles."""
     path = Path(path)
     _check_path(path)
-    if path.suffix.lower() in SAFETENSORS_EXT:
+    kind = sniff_weights_file(path)
+    if kind not in (None, "safetensors"):
+        raise CheckpointError(f"cannot read {path}: it is {kind}.")
+    if path.suffix.lower() in SAFETENSORS_EXT or kind == "safetensors":  # a .ckpt name on safetensors bytes too
         try:
             obj: object = load_safetensors(str(path), device="cpu")
         except (SafetensorError, OSError) as e:
@@ -122,7 +141,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors.")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"{path} holds no tensors (keys: {_fmt_keys(map(str, obj.keys()))}).")
+        keys = {str(k) for k in obj}
+        raise CheckpointError(f"{path} holds no tensors (keys: {_fmt_keys(keys)}); {guess_cause(keys)}")
     return _normalise_keys(tensors)
 
 
@@ -188,7 +208,11 @@ def check_state_dict(
         )
     ref = schedule_tensors(model.num_timesteps, model.linear_start, model.linear_end)
     for k in SCHEDULE_KEYS:
-        if k in sd and not torch.allclose(sd[k].double(), ref[k].double(), rtol=schedule_rtol, atol=1e-6):
+        if k not in sd:
+            continue
+        # Compare at the file's precision: bf16 files round the schedule by ~4e-3 relative.
+        rtol = max(schedule_rtol, 2 * torch.finfo(sd[k].dtype).eps) if sd[k].is_floating_point() else schedule_rtol
+        if not torch.allclose(sd[k].double(), ref[k].double(), rtol=rtol, atol=1e-6):
             raise CheckpointError(
                 f"{path}: schedule buffer {k!r} disagrees with the config (timesteps/linear_start/"
                 "linear_end); this checkpoint was trained with another noise schedule."

@@ -61,7 +61,12 @@ def load_config(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (SD v1: configs/stable-diffusion/v1-inference.yaml)")
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path} is a binary file, not a YAML config: is it a checkpoint? Pass weights with --ckpt_path and the "
+            "config (e.g. configs/stable-diffusion/v1-inference.yaml) with --config_path"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(config, Mapping) or "model" not in config:
@@ -127,6 +132,26 @@ def load_weights_only(path: str | os.PathLike, stand_ins: list | tuple = (), mma
     Anything else that is not a tensor or plain data raises `pickle.UnpicklingError` and is never executed."""
     with torch.serialization.safe_globals(list(stand_ins)):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def sniff_weights_file(path: str | os.PathLike) -> str | None:
+    """What a weights file really is when it is no PyTorch pickle, from its first bytes: 'safetensors', or a
+    description for an error message (a Git LFS pointer, a web page, an image); None when nothing is recognised."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) > 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"  # 8-byte little-endian header length, then the JSON header
+    if head.startswith(b"version https://git-lfs"):
+        return (
+            "a Git LFS pointer, not the weights (the large file was never downloaded: run `git lfs pull`, or "
+            "download the file directly)"
+        )
+    if head.lstrip()[:1] == b"<":
+        return "a web page (HTML/XML), not weights: the download saved an error or login page"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image; embeddings hidden in images are not supported, use the .pt/.safetensors file"
+    return None
 
 
 def refused_global(error: Exception) -> str:

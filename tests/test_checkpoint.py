@@ -21,7 +21,7 @@ def tiny_sd(tiny_model):
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_round_trip(tmp_path, tiny_config, tiny_sd, suffix, dtype):
     path = tmp_path / f"model{suffix}"
     save_checkpoint(tiny_sd, path, dtype=dtype)
@@ -176,6 +176,69 @@ def test_wrong_shapes_and_wrong_model(tmp_path, tiny_config, sd_config, tiny_sd)
 )
 def test_cause_is_guessed(tmp_path, tiny_config, keys, cause):
     _expect(tmp_path, tiny_config, {k: torch.zeros(s) for k, s in keys.items()}, cause)
+
+
+def test_all_bf16_file_loads(tmp_path, tiny_config, tiny_sd):
+    """Some tools save every tensor in bf16, the schedule too (~4e-3 rounding): not 'another noise schedule'."""
+    path = tmp_path / "bf16.safetensors"
+    save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in tiny_sd.items()},
+              str(path))
+    model = load_model(tiny_config, path)
+    assert model.betas.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 4265380512\n", "Git LFS pointer"),
+        (b"<!DOCTYPE html><html><body>Sign in</body></html>", "web page"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "PNG image"),
+        (b"hello, I am not a checkpoint", "not a PyTorch checkpoint"),
+        (b"v1 weights, honest", "not a PyTorch checkpoint"),  # a byte that is no pickle opcode
+    ],
+)
+def test_files_that_are_no_pickle_say_what_they_are(tmp_path, content, message):
+    (tmp_path / "m.ckpt").write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as e:
+        read_state_dict(tmp_path / "m.ckpt")
+    assert "would run code" not in str(e.value)
+
+
+def test_safetensors_bytes_under_a_ckpt_name_load(tmp_path, tiny_sd):
+    save_checkpoint(tiny_sd, tmp_path / "m.safetensors")
+    (tmp_path / "m.ckpt").write_bytes((tmp_path / "m.safetensors").read_bytes())
+    a, b = read_state_dict(tmp_path / "m.ckpt"), read_state_dict(tmp_path / "m.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_embedding_file_as_checkpoint(tmp_path, tiny_model):
+    from ldm.modules.embedding_manager import EmbeddingManager
+
+    EmbeddingManager(tiny_model.cond_stage_model, ["alz"], 2).save(tmp_path / "APL-1000.pt")
+    with pytest.raises(CheckpointError, match="textual-inversion/APL embedding file; pass it as the embedding"):
+        read_state_dict(tmp_path / "APL-1000.pt")
+
+
+def test_binary_file_as_config(tmp_path, tiny_sd):
+    from ldm.util import load_config
+
+    save_checkpoint(tiny_sd, tmp_path / "m.ckpt")
+    with pytest.raises(ConfigError, match="binary file, not a YAML config: is it a checkpoint"):
+        load_config(tmp_path / "m.ckpt")
+
+
+def test_textual_inversion_config_is_accepted(tiny_config):
+    """The textual-inversion repo's v1 configs add personalization_config; APL builds its own prefix module."""
+    import copy
+
+    from ldm.checkpoint import build_model
+
+    config = copy.deepcopy(tiny_config)
+    config["model"]["params"]["personalization_config"] = {
+        "target": "ldm.modules.embedding_manager.EmbeddingManager",
+        "params": {"placeholder_strings": ["*"], "num_vectors_per_token": 1},
+    }
+    build_model(config, "meta")
 
 
 def test_schedule_mismatch(tmp_path, tiny_config, tiny_sd):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldm.modules.embedding_manager import EmbeddingFileError, EmbeddingManager, read_embedding_file
@@ -227,8 +227,21 @@ def test_bad_files(embedder, em, tmp_path):
     with pytest.raises(EmbeddingFileError, match="SDXL"):
         em.load(tmp_path / "sdxl.pt")
     torch.save({"state_dict": {"model.x": torch.zeros(1)}}, tmp_path / "model.ckpt")
-    with pytest.raises(EmbeddingFileError, match="not an embedding file"):
+    with pytest.raises(EmbeddingFileError, match="is a model checkpoint"):
         em.load(tmp_path / "model.ckpt")
+    save_file({"model.diffusion_model.x": torch.zeros(4, 3), "first_stage_model.y": torch.zeros(2)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(EmbeddingFileError, match="is a model checkpoint .* pass the model with --ckpt_path"):
+        em.load(tmp_path / "model.safetensors")
+    (tmp_path / "lfs.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    with pytest.raises(EmbeddingFileError, match="Git LFS pointer"):
+        em.load(tmp_path / "lfs.pt")
+    (tmp_path / "text.pt").write_bytes(b"just some text")
+    with pytest.raises(EmbeddingFileError, match="not a PyTorch embedding file") as e:
+        em.load(tmp_path / "text.pt")
+    assert "run code" not in str(e.value)
+    (tmp_path / "st.pt").write_bytes((tmp_path / "good.safetensors").read_bytes())  # safetensors under .pt: read
+    em.load(tmp_path / "st.pt")
     with pytest.raises(ValueError, match="unknown file type"):
         em.save(tmp_path / "x.txt")
 
@@ -313,3 +326,49 @@ def test_diffusers_export_matches_our_encoder(tiny_model, em, tiny_pipeline, tmp
     # Loaded back into our manager, the diffusers file gives the same vectors.
     back = EmbeddingManager.from_file(tiny_model.cond_stage_model, tmp_path / "alz.safetensors")
     assert torch.equal(back.string_to_param_dict["alz"], em.string_to_param_dict["alz"])
+
+
+# What AUTOMATIC1111's modules/safe.py accepts in a .pt: zip members, and the globals its unpickler allows.
+A1111_ZIP_MEMBER = r"^([^/]+)/((data/\d+)|version|(data\.pkl))$"
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch.nn.modules.container", "ParameterDict"),
+    ("__builtin__", "set"),
+    *(("torch", s) for s in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
+                             "ByteStorage", "BFloat16Storage", "float32")),
+}
+
+
+def _pickle_globals(data: bytes) -> set[tuple[str, str]]:
+    import pickletools
+
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "GLOBAL":
+            found.add(tuple(arg.split(" ", 1)))
+        elif op.name == "STACK_GLOBAL":
+            found.add(tuple(strings[-2:]))
+    return found
+
+
+def test_pt_files_pass_automatic1111s_loader_checks(em, tmp_path):
+    """torch.save adds zip members (.format_version, byteorder, ...) that A1111 refuses as 'malicious'; our .pt
+    files hold only data.pkl (first), data/<n> and version, and only globals A1111's unpickler allows."""
+    import re
+    import zipfile
+
+    em.save(tmp_path / "APL.pt")
+    em.export_a1111(tmp_path / "APL-a1111.pt")
+    for path in (tmp_path / "APL.pt", tmp_path / "APL-a1111.pt"):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            assert all(re.match(A1111_ZIP_MEMBER, n) for n in names), names
+            assert names[0].endswith("/data.pkl")
+            assert _pickle_globals(z.read(names[0])) <= A1111_GLOBALS
+        _, params, _ = read_embedding_file(path)
+        assert torch.equal(next(iter(params.values())), em.string_to_param_dict["alz"].detach())
+        assert torch.load(path, weights_only=False, mmap=True)["string_to_param"] is not None

@@ -10,9 +10,12 @@ metadata, and exports for AUTOMATIC1111 and diffusers. Reading never unpickles a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import re
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from ldm.util import atomic_save, load_weights_only, refused_global
+from ldm.util import atomic_save, load_weights_only, refused_global, sniff_weights_file
 
 DEFAULT_PLACEHOLDER = "alz"
 FORMAT_NAME = "apl-embedding"  # `format` metadata of our .safetensors files
@@ -57,6 +60,23 @@ _SAFE_STAND_INS = [(_PickledParameterDict, "torch.nn.modules.container.Parameter
 def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
     atomic_save(lambda tmp: write(str(tmp)), path)
+
+
+# The zip members AUTOMATIC1111's loader (modules/safe.py) accepts; it refuses a file with any other member, and
+# torch.save now also writes .format_version, .storage_alignment, byteorder and .data/serialization_id.
+_PORTABLE_ZIP_MEMBER = re.compile(r"^archive/((data/\d+)|version|(data\.pkl))$")
+
+
+def _torch_save_portable(obj: object, path: str) -> None:
+    """torch.save, keeping only the members every PyTorch and AUTOMATIC1111 reader accepts (data.pkl first)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # a file object: the archive folder is 'archive', not the temporary file's name
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        names = [n for n in src.namelist() if _PORTABLE_ZIP_MEMBER.match(n)]
+        if "archive/data.pkl" not in names:
+            raise RuntimeError(f"internal error: torch.save wrote no archive/data.pkl ({src.namelist()})")
+        for name in sorted(names, key=lambda n: n != "archive/data.pkl"):
+            dst.writestr(name, src.read(name))
 
 
 def _check_file(path: Path) -> None:
@@ -95,6 +115,11 @@ def _read_pickle(path: Path) -> object:
         return load_weights_only(path, _SAFE_STAND_INS)
     except pickle.UnpicklingError as e:
         what = refused_global(e)
+        if not what:  # no refused class: the bytes are no pickle at all (torch: "Unsupported operand")
+            raise EmbeddingFileError(
+                f"cannot read {path}: it is not a PyTorch embedding file (no pickle inside). Copy or download it "
+                "again."
+            ) from None
         raise EmbeddingFileError(
             f"refused to load {path}: it holds a pickled callable or object{what} that could run code when "
             "unpickled; APL reads only tensors and plain data from embedding files. If you trust its source, "
@@ -105,6 +130,18 @@ def _read_pickle(path: Path) -> object:
             f"cannot read {path}: the file is truncated or not a PyTorch embedding file ({type(e).__name__}: {e}). "
             "Copy or download it again."
         ) from e
+
+
+_MODEL_KEY_PREFIXES = ("model.", "first_stage_model.", "cond_stage_model.", "model_ema.", "state_dict")
+
+
+def _refuse_model(entries: Mapping, path: Path) -> None:
+    """A model checkpoint passed where an embedding belongs: say so instead of complaining about tensor shapes."""
+    if any(str(k).startswith(_MODEL_KEY_PREFIXES) for k in entries) or len(entries) > 64:
+        raise EmbeddingFileError(
+            f"{path} is a model checkpoint ({len(entries)} entries such as {sorted(map(str, entries))[0]!r}), not an "
+            "embedding: pass the model with --ckpt_path and the trained prefix (.pt/.safetensors) as the embedding."
+        )
 
 
 def _refuse_sdxl(entries: Mapping, path: Path) -> None:
@@ -147,6 +184,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, int], dict[str, torch.Tenso
         meta = {"format": "a1111-safetensors", **{k: v for k, v in raw_meta.items() if k in ("name", "step")}}
         return {}, {A1111_PLACEHOLDER: _vectors(tensors["emb_params"], "emb_params", path)}, meta
     _refuse_sdxl(tensors, path)
+    _refuse_model(tensors, path)
     # diffusers textual inversion: {token: vectors}
     return {}, {k: _vectors(v, k, path) for k, v in tensors.items()}, {"format": "diffusers"}
 
@@ -159,7 +197,10 @@ def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, int], dict[s
     """
     path = Path(path)
     _check_file(path)
-    if path.suffix.lower() == ".safetensors":
+    kind = sniff_weights_file(path)
+    if kind not in (None, "safetensors"):
+        raise EmbeddingFileError(f"cannot read {path}: it is {kind}.")
+    if path.suffix.lower() == ".safetensors" or kind == "safetensors":
         return _read_safetensors(path)
     obj = _read_pickle(path)
     if not isinstance(obj, Mapping) or not obj:
@@ -187,6 +228,7 @@ def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, int], dict[s
         }
         return tokens, params, meta
     _refuse_sdxl(obj, path)
+    _refuse_model(obj, path)
     if all(isinstance(v, torch.Tensor) for v in obj.values()):  # diffusers .bin: {token: vectors}
         return {}, {str(k): _vectors(v, str(k), path) for k, v in obj.items()}, {"format": "diffusers"}
     raise EmbeddingFileError(
@@ -322,7 +364,7 @@ class EmbeddingManager(nn.Module):
                 "string_to_token": {s: torch.tensor(t) for s, t in self.string_to_token_dict.items()},
                 "string_to_param": nn.ParameterDict({s: nn.Parameter(v) for s, v in vectors.items()}),
             }
-            _write_atomically(path, lambda tmp: torch.save(data, tmp))
+            _write_atomically(path, lambda tmp: _torch_save_portable(data, tmp))
         else:
             raise ValueError(
                 f"EmbeddingManager.save: unknown file type {path.name!r}; use .pt (original layout) or .safetensors."
@@ -407,7 +449,7 @@ class EmbeddingManager(nn.Module):
                 "sd_checkpoint": None,
                 "sd_checkpoint_name": None,
             }
-            _write_atomically(path, lambda tmp: torch.save(data, tmp))
+            _write_atomically(path, lambda tmp: _torch_save_portable(data, tmp))
         elif path.suffix.lower() == ".safetensors":
             meta = {"name": name, "step": str(int(step))}
             _write_atomically(path, lambda tmp: save_safetensors({"emb_params": vectors}, tmp, metadata=meta))

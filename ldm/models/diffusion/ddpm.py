@@ -40,6 +40,7 @@ _IGNORED = {
     "monitor",
     "use_ema",
     "scheduler_config",
+    "personalization_config",  # textual-inversion configs: its EmbeddingManager is APL's own, built separately
     "ckpt_path",
     "ignore_keys",
     "loss_type",
