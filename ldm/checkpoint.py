@@ -161,6 +161,9 @@ def guess_cause(keys: set[str], shape_of: Mapping[str, tuple] | None = None) -> 
         return "this looks like an SDXL checkpoint; APL needs Stable Diffusion v1.x."
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "this looks like an SD 2.x checkpoint (OpenCLIP ViT-H text encoder); APL needs SD v1.x."
+    conv_in = shape_of.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in) > 1 and conv_in[1] == 9:
+        return "this looks like an inpainting checkpoint (9 input channels); APL needs a text-to-image SD v1.x model."
     to_k = shape_of.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     if to_k is not None and to_k[-1] == 1024:
         return "this looks like an SD 2.x checkpoint (1024-d text context); APL needs SD v1.x (768-d)."

@@ -161,6 +161,7 @@ def test_wrong_shapes_and_wrong_model(tmp_path, tiny_config, sd_config, tiny_sd)
         ({"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (1,)}, "SD 2.x"),
         ({"lora_unet_down_blocks_0_attentions_0.lora_down.weight": (4, 320)}, "LoRA"),
         ({"string_to_param.*": (10, 768)}, "embedding file"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
         ({"down_blocks.0.resnets.0.conv1.weight": (1,), "mid_block.x": (1,)}, "diffusers-format"),
         (
             {
@@ -254,3 +255,12 @@ def test_config_targets_outside_the_registry_are_refused():
         instantiate_from_config(
             {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {"ddconfig": {}, "embed_dim": 4, "bogus": 1}}
         )
+
+
+def test_clip_version_may_name_a_local_copy():
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    with torch.device("meta"):
+        FrozenCLIPEmbedder(version="/models/openai/clip-vit-large-patch14/", width=32, layers=1, heads=2)
+        with pytest.raises(ValueError, match="unknown version 'laion/CLIP-ViT-H-14'"):
+            FrozenCLIPEmbedder(version="laion/CLIP-ViT-H-14", width=32, layers=1, heads=2)

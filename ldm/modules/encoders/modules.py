@@ -136,7 +136,9 @@ class FrozenCLIPEmbedder(nn.Module):
             raise ValueError(f"FrozenCLIPEmbedder: unsupported config keys {sorted(kwargs)}.")
         if kwargs.get("layer", "last") != "last":
             raise ValueError("FrozenCLIPEmbedder: only layer='last' (SD v1) is supported.")
-        if version not in _KNOWN_VERSIONS:
+        # Offline setups often point `version` at a local copy (.../clip-vit-large-patch14): same architecture.
+        local_copy = str(version).rstrip("/\\").lower().endswith("clip-vit-large-patch14")
+        if version not in _KNOWN_VERSIONS and not local_copy:
             raise ValueError(
                 f"FrozenCLIPEmbedder: unknown version {version!r}; SD v1 uses "
                 "'openai/clip-vit-large-patch14' (SD 2.x uses OpenCLIP ViT-H and is not supported)."
