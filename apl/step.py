@@ -58,6 +58,8 @@ class StaticStep:
         device = model.device
         if graph and device.type != "cuda":
             raise ValueError(f"a CUDA graph needs a CUDA device; the model is on {device}")
+        if graph and warmup < 1:  # lazy state (cuBLAS handles, the loss scale tensor) must exist before capture
+            raise ValueError(f"a CUDA graph needs warmup >= 1 eager runs before capture; got {warmup}")
         self.model, self.em, self.g = model, em, negative_guidance
         self.params = list(em.embedding_parameters())
         self.use_graph, self.warmup, self.scaler = graph, warmup, scaler
