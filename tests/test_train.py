@@ -360,3 +360,20 @@ def test_export_cli(trained, tmp_path):
     assert (
         export_prefix.main([str(tmp_path / "missing.pt"), "--format", "a1111", "--out", str(tmp_path / "x.pt")]) == 2
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_graph_training_equals_eager_training(tmp_path, precision):
+    """train.py on the GPU: --cuda_graph (captured step, replayed) gives the eager run's prefix and losses."""
+    _faces(tmp_path / "faces")
+    common = ("--accelerator", "cuda", "--precision", precision, "--iterations", "8", "--save_every", "4",
+              "--log_every", "4")
+    assert train_script.main(_args(tmp_path, "eager", *common)) == 0
+    assert train_script.main(_args(tmp_path, "graph", *common, "--cuda_graph")) == 0
+    eager, graph = (_prefix(tmp_path / d / "embeddings" / "APL-8.pt") for d in ("eager", "graph"))
+    torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-6)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+              for d in ("eager", "graph")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
