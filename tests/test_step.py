@@ -108,35 +108,43 @@ def test_graph_needs_cuda(tiny_model):
         StaticStep(tiny_model, _em(tiny_model), 2, (tiny_model.channels, 8, 8), graph=True)
 
 
+# GPU kernels are not bit-deterministic (flash-attention backward and some cuDNN backward kernels add atomically),
+# so eager and replayed steps agree to rounding noise, not bit for bit; a stale or mis-wired graph is off by far more.
+CUDA_TOL = {torch.float32: dict(rtol=1e-4, cos=0.99999), torch.bfloat16: dict(rtol=2e-2, cos=0.999),
+            torch.float16: dict(rtol=1e-2, cos=0.999)}
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_ckpt", [False, True])
 def test_cuda_graph_replays_like_eager(tiny_config, dtype, grad_ckpt):
-    """Five Adam steps with the captured graph equal five eager steps (losses, gradients, final prefix); fp16 with
-    the loss scaler, as train.py runs it."""
+    """Four steps, each with new inputs and a prefix changed in place (as Adam and the NaN restore do): the replayed
+    graph gives the eager step's loss and prefix gradient; fp16 with the loss scaler, as train.py runs it."""
     torch.manual_seed(0)
     model = build_model(copy.deepcopy(tiny_config)).to("cuda").set_precision(dtype).eval().requires_grad_(False)
     model.model.diffusion_model.set_gradient_checkpointing(grad_ckpt)
     runs = {}
     for graph in (False, True):
         em = _em(model).to("cuda")
-        opt = torch.optim.Adam(em.embedding_parameters(), lr=1e-2)
+        prefix = em.embedding_parameters()[0]
+        start = prefix.detach().clone()
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16) if dtype == torch.float16 else None
         step = StaticStep(model, em, 2, (model.channels, 8, 8), graph=graph, scaler=scaler)
         losses, grads = [], []
-        for s in range(5):
+        for s in range(4):
+            with torch.no_grad():
+                prefix.copy_(start + 0.25 * s)
             step.load(*(x.cuda() for x in _inputs(model, seed=s)))
             loss, g = step.run()
             losses.append(loss.clone())
-            grads.append(g[0].clone())
-            em.embedding_parameters()[0].grad = g[0]
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.step(opt)
-                scaler.update()
-        runs[graph] = (torch.stack(losses), torch.stack(grads), em.embedding_parameters()[0].detach().clone())
+            grads.append(g[0].clone() / (1.0 if scaler is None else scaler.get_scale()))
+        runs[graph] = (torch.stack(losses), torch.stack(grads))
         assert (step.graph is not None) == graph
-    for eager, graphed in zip(runs[False], runs[True], strict=True):
-        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    tol = CUDA_TOL[dtype]
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=tol["rtol"], atol=1e-6)
+    assert len(set(runs[True][0][:, 0].tolist())) == 4  # every replay saw its own inputs
+    for g_graph, g_eager in zip(runs[True][1], runs[False][1], strict=True):
+        assert g_eager.abs().sum() > 0
+        cos = torch.nn.functional.cosine_similarity(g_graph.flatten().double(), g_eager.flatten().double(), dim=0)
+        assert cos > tol["cos"], float(cos)
