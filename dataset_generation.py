@@ -5,8 +5,10 @@
     python dataset_generation.py --config_path configs/tiny/tiny-sd.yaml --names "Tom Hanks" --n_samples 2 --steps 2
 
 Images are saved as <outdir>/<Person Name>-<k>.png, the naming train.py --face_dir reads; images already there
-are skipped, so an interrupted run continues where it stopped. With --gt_npy, each person's ground-truth face
-embedding (mean of the detected faces) is written for test_id.py --gt_npy.
+are skipped, so an interrupted run continues where it stopped. <outdir>/.dataset_generation.tsv records the settings
+(seed, steps, scale, negative prompt, checkpoint, config, templates) and each image's seed and prompt; a rerun into
+the same --outdir with other settings is refused instead of mixing two face sets. With --gt_npy, each person's
+ground-truth face embedding (mean of the detected faces) is written for test_id.py --gt_npy.
 """
 
 from __future__ import annotations

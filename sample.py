@@ -11,7 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from apl.people import load_prompts
 from apl.runtime import SD_CONFIG, UsageError, load_model_for_cli, pick_device, pick_dtype
+from args.clip_args import positive_int, positive_multiple_of_8
 from ldm.checkpoint import CheckpointError
 from ldm.sampling import make_grid, save_image, txt2img
 from ldm.util import ConfigError
@@ -22,16 +24,27 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--prompt", action="append", help="prompt (repeat the flag for several)")
-    p.add_argument("--from_file", help="text file with one prompt per line (instead of --prompt)")
-    p.add_argument("--n_samples", type=int, default=4, help="images per prompt")
-    p.add_argument("--batch_size", type=int, default=4, help="images per DDIM batch")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument(
+        "--from_file",
+        help="text file with one prompt per line, or '<index> <caption>' lines like the shipped prompts.txt (the "
+        "index is dropped); blank lines and '#' comments are skipped",
+    )
+    p.add_argument("--n_samples", type=positive_int, default=4, help="images per prompt")
+    p.add_argument("--batch_size", type=positive_int, default=4, help="images per DDIM batch")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--negative_prompt", default="", help="unconditional / negative prompt for guidance")
     p.add_argument("--seed", type=int, default=42, help="image i of prompt j uses seed + j * n_samples + i")
-    p.add_argument("--H", type=int, default=None, help="image height (default: the config's, 512 for SD v1)")
-    p.add_argument("--W", type=int, default=None, help="image width (default: the config's)")
+    p.add_argument(
+        "--H",
+        type=positive_multiple_of_8,
+        default=None,
+        help="image height, a multiple of 8 (default: the config's, 512 for SD v1)",
+    )
+    p.add_argument(
+        "--W", type=positive_multiple_of_8, default=None, help="image width, a multiple of 8 (default: the config's)"
+    )
     p.add_argument("--config_path", default=str(SD_CONFIG), help="CompVis model config")
     p.add_argument("--ckpt_path", default=None, help="SD v1.x .ckpt/.safetensors (omit with the tiny config)")
     p.add_argument("--embedding", default=None, help="learned prefix file (.pt/.safetensors) for prompts with 'alz'")
@@ -46,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = args.prompt or []
         if args.from_file:
-            prompts += [ln.strip() for ln in Path(args.from_file).read_text().splitlines() if ln.strip()]
+            prompts += load_prompts(args.from_file)  # '<index> <caption>' lines lose their index
         if not prompts:
             prompts = ["a photograph of an astronaut riding a horse"]
         device = pick_device(args.device)

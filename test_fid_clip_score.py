@@ -25,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to compute")
     g.add_argument("--skip_clip", action="store_true", help="Do not compute the CLIP score (no CLIP weights needed).")
     g.add_argument("--skip_fid", action="store_true", help="Do not compute FID (no Inception weights needed).")
+    g.add_argument(
+        "--fid_antialias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="How FID resizes images to Inception's 299x299: antialiased bilinear (--fid_antialias) or the "
+        "TF1-style bilinear of the original FID code (--no-fid_antialias); unset keeps torchmetrics' "
+        "default (antialias on). Only FIDs made the same way compare; summary.json records it.",
+    )
     return p
 
 

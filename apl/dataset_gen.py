@@ -1,12 +1,16 @@
 """Face-set generation for training: N images per name with random prompt prefixes/templates, resumable.
 
 Image k of a name is `<outdir>/<Name>-<k>.png` (the face-set naming train.py reads). Its prompt and seed depend
-only on (seed, name, k), so a rerun makes exactly the images that are still missing, whatever the batch size.
+only on (seed, name, k) (the seed is image_seed('dataset', seed, name, k), never one that test_id.py uses), so a
+rerun makes exactly the images that are still missing, whatever the batch size. The settings that shape the images
+are stored in the outdir's manifest; a rerun with other settings is refused rather than mixing two face sets.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import random
 from collections.abc import Sequence
@@ -31,6 +35,9 @@ DEFAULT_NEGATIVE_PROMPT = (
     "extra limbs, extra fingers, mutated hands, cropped, out of frame, watermark, text, signature, cartoon, drawing"
 )
 MANIFEST = ".dataset_generation.tsv"  # hidden, so the face-folder scanner does not count it as a skipped file
+SETTINGS_LINE = "# settings\t"  # the manifest's first line: this tag, then the generation settings as JSON
+MANIFEST_HEADER = "file\tseed\tprompt"
+SEED_SCHEME = "sha256(dataset/seed/name/k)"  # recorded so that sets made with another seed derivation are refused
 
 
 def identity_prompt(name: str, k: int, seed: int, templates: Sequence[str]) -> str:
@@ -48,7 +55,9 @@ def plan_dataset(
     """Every image of the face set (made or not), name by name."""
     outdir = Path(outdir)
     return [
-        Job(identity_prompt(name, k, seed, templates), image_seed(seed, name, k), outdir / f"{name}-{k}.png")
+        Job(
+            identity_prompt(name, k, seed, templates), image_seed("dataset", seed, name, k), outdir / f"{name}-{k}.png"
+        )
         for name in names
         for k in range(n_per_name)
     ]
@@ -57,6 +66,81 @@ def plan_dataset(
 def is_done(path: Path) -> bool:
     """An image counts as made when a non-empty file is there (images are written atomically)."""
     return path.is_file() and path.stat().st_size > 0
+
+
+def _checkpoint_id(ckpt_path: str | None) -> str | None:
+    """The checkpoint by file name and size (a moved or copied file is still the same checkpoint)."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    return f"{path.name} ({path.stat().st_size} bytes)" if path.is_file() else str(ckpt_path)
+
+
+def generation_settings(args: argparse.Namespace, templates: Sequence[str]) -> dict:
+    """Everything besides (name, k) that decides an image: a resumed run must use the same values."""
+    settings = {
+        "seed_scheme": SEED_SCHEME,
+        "seed": args.seed,
+        "steps": args.steps,
+        "scale": args.scale,
+        "negative_prompt": args.negative_prompt,
+        "checkpoint": _checkpoint_id(args.ckpt_path),
+        "config": Path(args.config_path).name,
+        "templates_sha256": hashlib.sha256("\n".join(templates).encode("utf-8")).hexdigest()[:16],
+    }
+    return json.loads(json.dumps(settings))  # the values exactly as they read back from the manifest
+
+
+def read_manifest(path: Path) -> tuple[dict | None, dict[str, str]]:
+    """(settings, {file name: 'seed<TAB>prompt'}) of a manifest; settings None for one written before they were."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    settings = None
+    if lines and lines[0].startswith(SETTINGS_LINE):
+        try:
+            settings = json.loads(lines.pop(0)[len(SETTINGS_LINE) :])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: the settings line is not valid JSON ({err}); use a new --outdir") from err
+    rows = dict(line.split("\t", 1) for line in lines[1:] if "\t" in line)
+    return settings, rows
+
+
+def settings_changes(old: dict | None, new: dict) -> list[str]:
+    """What differs between the settings of a manifest and of this run, one 'key: old -> new' per setting."""
+    if old is None:
+        return ["settings: not recorded (an earlier version of dataset_generation.py, with other image seeds)"]
+    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+
+
+def check_resume(outdir: Path, settings: dict, jobs: Sequence[Job]) -> dict[str, str]:
+    """Refuse to add images to a face set made with other settings; returns the manifest rows to keep."""
+    made = [j.path.name for j in jobs if is_done(j.path)]
+    manifest = outdir / MANIFEST
+    if not manifest.is_file():
+        if made:
+            raise UsageError(
+                f"--outdir {outdir} already has {len(made)} of the planned images (e.g. {made[0]!r}) but no "
+                f"{MANIFEST}, so the settings that made them are unknown and new images could not be matched to them. "
+                "Use a new --outdir (or move those images away)."
+            )
+        return {}
+    old, rows = read_manifest(manifest)
+    changes = settings_changes(old, settings)
+    if not changes:
+        return rows
+    if made or any(is_done(outdir / name) for name in rows):
+        raise UsageError(
+            f"--outdir {outdir} holds images made with other settings ({'; '.join(changes)}); generating there now "
+            "would mix two face sets and record wrong seeds. Use a new --outdir, or rerun with the earlier settings "
+            f"(see {manifest}) to finish that set."
+        )
+    return {}  # the old set is gone: start a new manifest
+
+
+def write_manifest(outdir: Path, settings: dict, rows: dict[str, str]) -> None:
+    """The manifest: settings line, header, one 'file<TAB>seed<TAB>prompt' row per planned image (atomic write)."""
+    body = "".join(f"{name}\t{row}\n" for name, row in rows.items())
+    text = f"{SETTINGS_LINE}{json.dumps(settings, ensure_ascii=False)}\n{MANIFEST_HEADER}\n{body}"
+    atomic_write_text(text, outdir / MANIFEST)
 
 
 def ground_truth_from_images(
@@ -79,13 +163,16 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
     """Generate the missing face-set images, optionally compute ground truth; returns a summary."""
     names = resolve_names(args.names, args.people_file)
     templates = load_templates(shipped(args.templates_file)) if args.templates_file else []
+    outdir = Path(args.outdir)
+    jobs = plan_dataset(names, args.n_samples, outdir, args.seed, templates)
+    settings = generation_settings(args, templates)
+    rows = check_resume(outdir, settings, jobs)  # before anything is loaded or written
+    rows.update({j.path.name: f"{j.seed}\t{j.prompt}" for j in jobs})
     gt_npy = args.gt_npy
     backend = None
     if gt_npy:
         # Load the face models first: a missing pack must fail before hours of generation, not after.
         backend = backend_from_args(args)
-    outdir = Path(args.outdir)
-    jobs = plan_dataset(names, args.n_samples, outdir, args.seed, templates)
     todo = [j for j in jobs if not is_done(j.path)]
     print(
         f"{len(names)} identities x {args.n_samples} images: {len(jobs) - len(todo)} already in {outdir}, "
@@ -94,6 +181,7 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
     made = 0
     if todo:
         gen = load_model_and_prefix(args.config_path, args.ckpt_path, args.device, args.precision, seed=args.seed)
+        write_manifest(outdir, settings, rows)  # first, so an interrupted run's images have their settings
         made = generate(
             gen,
             todo,
@@ -103,8 +191,7 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
             negative_prompt=args.negative_prompt,
             desc="dataset_generation",
         )
-    manifest = "".join(f"{j.path.name}\t{j.seed}\t{j.prompt}\n" for j in jobs)
-    atomic_write_text("file\tseed\tprompt\n" + manifest, outdir / MANIFEST)
+    write_manifest(outdir, settings, rows)
     summary: dict = {
         "outdir": str(outdir),
         "identities": len(names),

@@ -13,10 +13,22 @@ GROUPS = ("model", "prefix", "generation", "quality", "identity", "id_metric", "
 DEFAULT_GROUPS = ("model", "prefix", "generation", "quality", "identity", "id_metric")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def positive_multiple_of_8(text: str) -> int:
+    """argparse type for image sizes: SD's VAE works on 8x8 pixel blocks, so sizes are positive multiples of 8."""
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive multiple of 8 (the latent is 1/8 of the image), got {text}; "
+            f"e.g. {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}"
+        )
     return value
 
 
@@ -71,16 +83,18 @@ def _add_prefix(p: argparse.ArgumentParser) -> None:
 def _add_generation(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--outdir", default="outputs/eval", help="Folder for generated images, tables and summaries.")
-    g.add_argument("--n_samples", type=_positive_int, default=4, help="Images generated per prompt / identity.")
-    g.add_argument("--batch_size", type=_positive_int, default=4, help="Images per sampling batch.")
-    g.add_argument("--steps", type=_positive_int, default=20, help="DDIM sampling steps.")
+    g.add_argument("--n_samples", type=positive_int, default=4, help="Images generated per prompt / identity.")
+    g.add_argument("--batch_size", type=positive_int, default=4, help="Images per sampling batch.")
+    g.add_argument("--steps", type=positive_int, default=20, help="DDIM sampling steps.")
     g.add_argument("--scale", type=float, default=7.0, help="Classifier-free guidance scale.")
     g.add_argument(
         "--seed",
         type=int,
         default=2238,
-        help="Base random seed (the original APL evaluation used 2238); every image's own seed is derived from it "
-        "and the image's prompt/identity and index, so results do not depend on --batch_size.",
+        help="Base random seed (the original APL evaluation used 2238). Image k of an identity or prompt gets the "
+        "seed sha256('<domain>/<seed>/<identity or prompt index>/<k>') (63 bits; domain test_id, dataset or quality), "
+        "so results do not depend on --batch_size, --seed 1 and 2 share no image, and test_id.py never reuses the "
+        "start noise of dataset_generation.py's face set.",
     )
     g.add_argument(
         "--negative_prompt",
@@ -133,7 +147,7 @@ def _add_identity(p: argparse.ArgumentParser) -> None:
     g.add_argument("--det_thresh", type=_unit_float, default=0.5, help="Face detection confidence threshold.")
     g.add_argument(
         "--det_size",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="Face detector input size in pixels (square; multiple of 32).",
     )

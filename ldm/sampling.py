@@ -1,11 +1,13 @@
 """Text-to-image with DDIM on a LatentDiffusion model: latents, decoding to images, grids.
 
-Every image i of a call has its own start code drawn from `seed + i`, so results do not depend on the batch
-size or on which images a resumed run still has to make.
+Every image has its own seed: its start code is drawn from it, and with eta > 0 its per-step DDIM noise comes from
+a second generator derived from it (`noise_seed`), so results do not depend on the batch size or on which images
+a resumed run still has to make.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -23,6 +25,18 @@ from ldm.util import atomic_save
 def start_codes(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """One standard-normal start code per seed (drawn on the CPU, so CPU and GPU runs start alike)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+def noise_seed(seed: int) -> int:
+    """Seed of an image's eta > 0 noise stream: a hash of its seed, so it never replays any image's start code."""
+    return int.from_bytes(hashlib.sha256(f"ddim-eta-noise/{int(seed)}".encode()).digest()[:8], "big") >> 1
+
+
+def step_noises(seeds: Sequence[int], shape: tuple[int, ...], n_steps: int) -> list[torch.Tensor]:
+    """n_steps tensors (B, *shape): row b of step i is draw i of image b's own generator (drawn on the CPU)."""
+    gens = [torch.Generator().manual_seed(noise_seed(s)) for s in seeds]
+    per_image = [torch.randn((n_steps, *shape), generator=g) for g in gens]  # (steps, *shape) per image
+    return list(torch.stack(per_image, dim=1).unbind(0))
 
 
 def _unique_conditioning(model, prompts: Sequence[str], embedding_manager) -> torch.Tensor:
@@ -49,7 +63,11 @@ def txt2img_latents(
     x_T: torch.Tensor | None = None,
     disable: bool = True,
 ) -> torch.Tensor:
-    """DDIM latents (B, 4, H/8, W/8) for `prompts` with classifier-free guidance against `negative_prompt`."""
+    """DDIM latents (B, 4, H/8, W/8) for `prompts` with classifier-free guidance against `negative_prompt`.
+
+    Image b depends only on its prompt and seeds[b] (start code, and with eta > 0 its own noise stream), not on the
+    other images of the batch.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if height % 8 or width % 8:
@@ -60,9 +78,9 @@ def txt2img_latents(
     if x_T is None:
         x_T = start_codes(seeds, (model.channels, height // 8, width // 8), device)
     denoiser = CFGDenoiser(model.apply_model, uncond, scale)
-    g = torch.Generator().manual_seed(int(seeds[0]))  # eta > 0 noise
+    noises = step_noises(seeds, tuple(x_T.shape[1:]), steps) if eta > 0 else None
     return sample_ddim(
-        denoiser, x_T.to(device), cond, model.alphas_cumprod, steps=steps, eta=eta, generator=g, disable=disable
+        denoiser, x_T.to(device), cond, model.alphas_cumprod, steps=steps, eta=eta, noises=noises, disable=disable
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ from eval_stand_ins import TOM_HANKS, write_tiny_insightface_pack
 from PIL import Image
 
 import dataset_generation
-from apl.dataset_gen import MANIFEST, ground_truth_from_images, identity_prompt, plan_dataset
+from apl.dataset_gen import MANIFEST, SETTINGS_LINE, ground_truth_from_images, identity_prompt, plan_dataset
 from apl.datasets import scan_face_folder
 from apl.eval.faces import make_backend
 from apl.eval.generation import image_seed
@@ -53,9 +54,9 @@ def test_plan_names_files_for_the_face_set(tmp_path):
     jobs = plan_dataset(["Tom Hanks", "Jean-Claude Van Damme"], 3, tmp_path, 5, TEMPLATES)
     assert [j.path.name for j in jobs][:4] == ["Tom Hanks-0.png", "Tom Hanks-1.png", "Tom Hanks-2.png",
                                                "Jean-Claude Van Damme-0.png"]
-    assert jobs[4].seed == image_seed(5, "Jean-Claude Van Damme", 1)
+    assert jobs[4].seed == image_seed("dataset", 5, "Jean-Claude Van Damme", 1)
     assert len({j.seed for j in jobs}) == 6
-    assert image_seed(5, "Tom Hanks", 0) == image_seed(5, "Tom Hanks", 0) != image_seed(6, "Tom Hanks", 0)
+    assert not {j.seed for j in jobs} & {j.seed for j in plan_dataset(["Tom Hanks"], 3, tmp_path, 6, TEMPLATES)}
 
 
 def test_generate_resume_and_ground_truth(tmp_path, pack_root, capsys):
@@ -74,7 +75,12 @@ def test_generate_resume_and_ground_truth(tmp_path, pack_root, capsys):
     assert len(samples) == 4 and report.count == 0
     assert {s.name for s in samples} == {"Ada Lovelace", "Jean-Claude Van Damme"}
     manifest = (out / MANIFEST).read_text().splitlines()
-    assert manifest[0] == "file\tseed\tprompt" and len(manifest) == 5
+    assert manifest[0].startswith(SETTINGS_LINE) and manifest[1] == "file\tseed\tprompt" and len(manifest) == 6
+    settings = json.loads(manifest[0][len(SETTINGS_LINE):])
+    assert (settings["seed"], settings["steps"], settings["scale"]) == (2238, 1, 7.0)
+    assert "blurry" in settings["negative_prompt"] and settings["config"] == "tiny-sd.yaml"
+    row = manifest[2].split("\t")
+    assert row[:2] == ["Ada Lovelace-0.png", str(image_seed("dataset", 2238, "Ada Lovelace", 0))]
 
     # Ground truth = normalised mean of each person's face embeddings, in the group format test_id.py reads.
     loaded = load_ground_truth(gt, tmp_path / "gt_names.txt")
@@ -102,6 +108,50 @@ def test_generate_resume_and_ground_truth(tmp_path, pack_root, capsys):
     new = np.asarray(Image.open(out / "Ada Lovelace-1.png"), dtype=int)
     assert np.abs(old - new).max() <= 2 and (old != new).mean() < 0.01
     assert (out / "Ada Lovelace-2.png").is_file()
+
+
+def test_rerun_with_other_settings_is_refused_not_mixed(tmp_path, capsys):
+    out = tmp_path / "faces"
+    base = ["--names", "Tom Hanks", "--n_samples", "1"]
+    assert dataset_generation.main(_tiny_args(out, *base)) == 0
+    manifest = (out / MANIFEST).read_text()
+    before = (out / "Tom Hanks-0.png").read_bytes()
+    capsys.readouterr()
+    for extra, needle in [
+        (["--seed", "7"], "seed: 2238 -> 7"),
+        (["--steps", "2"], "steps: 1 -> 2"),
+        (["--negative_prompt", ""], "negative_prompt: 'blurry"),
+        (["--scale", "3"], "scale: 7.0 -> 3.0"),
+        (["--templates_file", ""], "templates_sha256"),
+    ]:
+        rc = dataset_generation.main(_tiny_args(out, *base, "--n_samples", "2", *extra))  # later flags win
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("dataset_generation.py: error: --outdir") and needle in err, (extra, err)
+        assert "new --outdir" in err and "Traceback" not in err
+        assert not (out / "Tom Hanks-1.png").exists()  # nothing generated into the old set
+        assert (out / MANIFEST).read_text() == manifest and (out / "Tom Hanks-0.png").read_bytes() == before
+    # The same settings resume; once the old images are gone, new settings start a new set there.
+    assert dataset_generation.main(_tiny_args(out, *base, "--n_samples", "2")) == 0
+    assert (out / "Tom Hanks-1.png").is_file()
+    for png in out.glob("*.png"):
+        png.unlink()
+    assert dataset_generation.main(_tiny_args(out, *base, "--seed", "7")) == 0
+    assert json.loads((out / MANIFEST).read_text().splitlines()[0][len(SETTINGS_LINE):])["seed"] == 7
+
+
+def test_images_without_or_with_an_old_manifest_are_refused(tmp_path, capsys):
+    out = tmp_path / "faces"
+    out.mkdir()
+    Image.new("RGB", (8, 8)).save(out / "Tom Hanks-0.png")
+    rc = dataset_generation.main(_tiny_args(out, "--names", "Tom Hanks", "--n_samples", "2"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "but no .dataset_generation.tsv" in err and "new --outdir" in err, err
+    # A manifest of the earlier layout (no settings; seeds were base + offset + k) is another seed scheme.
+    (out / MANIFEST).write_text("file\tseed\tprompt\nTom Hanks-0.png\t123\tTom Hanks\n")
+    rc = dataset_generation.main(_tiny_args(out, "--names", "Tom Hanks", "--n_samples", "2"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "settings: not recorded" in err, err
+    assert not (out / "Tom Hanks-1.png").exists()
 
 
 def test_ground_truth_counts_faceless_and_unreadable_images(tmp_path, pack_root):

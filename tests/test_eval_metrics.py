@@ -25,7 +25,7 @@ from apl.eval.id_metrics import (
     write_identity_csv,
     write_summary_json,
 )
-from apl.eval.images import LoadReport
+from apl.eval.images import LoadReport, identity_from_stem, list_images
 from args.clip_args import build_parser
 
 E1 = np.array([1.0, 0.0, 0.0])
@@ -142,6 +142,40 @@ def test_ground_truth_from_folder(tmp_path):
     assert sorted(p.rsplit("/", 1)[-1] for p in report.no_face) == ["Carol-0.png", "b.png"]
     assert report.empty_identities == ["Carol"]
     assert report.as_dict()["no_face"] == 2
+
+
+def test_ground_truth_folder_names_whole_stems_and_skips_hidden_files(tmp_path):
+    _img(tmp_path / "Jean-Paul Sartre.png", (255, 0, 0))  # no -<k>: the whole stem is the name
+    _img(tmp_path / "Jean-Paul Sartre-2.png", (250, 5, 0))
+    _img(tmp_path / "Zoe\u0301  Saldana-0.png", (0, 255, 0))  # decomposed é, double space
+    _img(tmp_path / "._Jean-Paul Sartre.png", (0, 0, 255))  # macOS AppleDouble
+    _img(tmp_path / ".thumbs" / "x.png", (0, 0, 255))
+    report = LoadReport()
+    gt = ground_truth_from_folder(tmp_path, ColourBackend(), report)
+    assert sorted(gt) == ["Jean-Paul Sartre", "Zo\u00e9 Saldana"]
+    assert report.loaded == 3 and not report.unreadable
+    assert identity_from_stem("Jean-Paul Sartre") == "Jean-Paul Sartre"
+    assert identity_from_stem("Jean-Paul Sartre-10") == "Jean-Paul Sartre"
+    assert identity_from_stem("Mary-Jane-") == "Mary-Jane-"
+
+
+def test_list_images_skips_hidden_and_appledouble_files(tmp_path):
+    for name in ("a.png", "._a.png", ".hidden.jpg", "sub/b.png", "sub/._b.png", ".cache/c.png"):
+        _img(tmp_path / name, (10, 20, 30))
+    assert [p.name for p in list_images(tmp_path)] == ["a.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)] == ["a.png",
+                                                                                                    "sub/b.png"]
+
+
+def test_empty_or_truncated_ground_truth_npy_is_a_clear_error(tmp_path):
+    (tmp_path / "names.txt").write_text("A\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.npy is empty \(0 bytes\).*dataset_generation.py --gt_npy"):
+        load_ground_truth(tmp_path / "empty.npy", tmp_path / "names.txt")
+    np.save(tmp_path / "full.npy", np.ones((1, 4), dtype=np.float32))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "full.npy").read_bytes()[:-5])
+    with pytest.raises(ValueError, match=r"cut.npy is not a complete"):
+        load_ground_truth(tmp_path / "cut.npy", tmp_path / "names.txt")
 
 
 def test_identity_table_and_outputs(tmp_path):

@@ -21,7 +21,9 @@ from apl.eval.quality import (
     InceptionWeightsMissing,
     build_fid,
     clip_score_summary,
+    fid_antialias_default,
     fid_between,
+    has_placeholder,
     load_image_folder,
     resolve_clip_weights,
     strip_placeholder,
@@ -34,6 +36,8 @@ def test_strip_placeholder():
     assert strip_placeholder("waltz in the alzheimer ward") == "waltz in the alzheimer ward"  # whole words only
     assert strip_placeholder("<v> a dog <v>", placeholder="<v>") == "a dog"
     assert strip_placeholder("no placeholder here") == "no placeholder here"
+    assert not has_placeholder("A man riding a horse .") and not has_placeholder("waltz , alzheimer")
+    assert has_placeholder("a photo of ALZ , smiling") and has_placeholder("<v> a dog", placeholder="<v>")
 
 
 def _random_images(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -102,6 +106,19 @@ def test_inception_fid_with_random_weights_in_the_pytorch_fid_format(tmp_path):
     fid = build_fid("inception", weights_path=str(tmp_path / INCEPTION_FILE))
     a = _random_images(2, seed=0, size=64)
     assert abs(fid_between(fid, a, a.clone())) < 1e-3
+
+
+@pytest.mark.slow
+def test_fid_antialias_reaches_the_inception_resize(tmp_path):
+    import torchvision
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    torch.save(net.state_dict(), tmp_path / INCEPTION_FILE)
+    path = str(tmp_path / INCEPTION_FILE)
+    assert fid_antialias_default() is True  # torchmetrics' default, which the flag keeps when unset
+    assert build_fid("inception", weights_path=path).inception.use_antialias is True
+    assert build_fid("inception", weights_path=path, antialias=False).inception.use_antialias is False
+    assert build_fid("inception", weights_path=path, antialias=True).inception.use_antialias is True
 
 
 @pytest.fixture(scope="module")

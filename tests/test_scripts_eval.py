@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +14,14 @@ from PIL import Image
 
 import test_fid_clip_score
 import test_id
+from apl.dataset_gen import plan_dataset
 from apl.eval import run_quality
 from apl.eval.faces import make_backend
 from apl.eval.generation import image_seed, with_prefix
 from apl.eval.id_metrics import cosine, save_ground_truth
 from apl.eval.images import load_image_rgb
 from apl.eval.quality import INCEPTION_FILE, ClipScorer, build_fid, fid_between, load_image_folder
+from apl.eval.run_id import plan_images
 from apl.runtime import TINY_CONFIG
 from ldm.modules.embedding_manager import EmbeddingManager
 
@@ -161,6 +164,9 @@ def test_test_id_bad_inputs(tmp_path, capsys, face_flags, gt_files, embedding):
     gt_npy, _ = gt_files
     bad_names = tmp_path / "names.txt"
     bad_names.write_text("only one\n")
+    empty_npy = tmp_path / "empty.npy"
+    empty_npy.write_bytes(b"")
+    (tmp_path / "empty_names.txt").write_text("Tom Hanks\n")
     cases = [
         (["--gt_npy", gt_npy, "--mode", "both"], "needs --embedding"),
         (["--embedding", embedding], "exactly one of --gt_npy"),
@@ -168,6 +174,10 @@ def test_test_id_bad_inputs(tmp_path, capsys, face_flags, gt_files, embedding):
         (["--embedding", embedding, "--gt_npy", tmp_path / "none.npy"], "does not exist"),
         (["--embedding", embedding, "--gt_npy", gt_npy, "--names", "Nobody"], "none of the 1 identities"),
         (["--embedding", embedding, "--gt_npy", gt_npy, "--prompt_template", "a face"], "must contain {name}"),
+        (["--embedding", embedding, "--gt_npy", gt_npy, "--prompt_template", "portrait of {name}, {style}"],
+         "uses {style}, but only {name} is filled in"),
+        (["--embedding", embedding, "--gt_npy", gt_npy, "--prompt_template", "{name} {"], "literal braces"),
+        (["--embedding", embedding, "--gt_npy", empty_npy], "is empty (0 bytes)"),
         (["--embedding", tmp_path / "none.pt", "--gt_npy", gt_npy], "--embedding"),
         (["--image_folder", tmp_path / "none", "--gt_npy", gt_npy], "--image_folder"),
     ]
@@ -175,6 +185,40 @@ def test_test_id_bad_inputs(tmp_path, capsys, face_flags, gt_files, embedding):
         rc, _, err = _run(test_id.main, [*TINY, "--outdir", tmp_path / "o", *face_flags, *extra], capsys)
         assert rc == 2 and needle in err and err.startswith("test_id.py: error:"), (extra, err)
         assert not (tmp_path / "o" / "images").exists()
+
+
+def test_test_id_refuses_ground_truth_of_another_backend_before_generating(tmp_path, capsys, face_flags, backend,
+                                                                           embedding):
+    rng = np.random.default_rng(0)
+    save_ground_truth({"Tom Hanks": rng.standard_normal(128)}, tmp_path / "dlib.npy", tmp_path / "dlib_names.txt")
+    out = tmp_path / "id"
+    argv = [*TINY, "--embedding", embedding, "--gt_npy", tmp_path / "dlib.npy", "--outdir", out, *face_flags]
+    rc, _, err = _run(test_id.main, argv, capsys)
+    assert rc == 2 and err.startswith("test_id.py: error: --gt_npy") and "Traceback" not in err, err
+    assert "128-d" in err and "512-d" in err and "128-d is dlib" in err and "--face_backend" in err
+    assert not out.exists()  # refused before the SD model was loaded or any image made
+    assert backend.embedding_dim == 512  # asked from the pack's recogniser
+
+
+def test_test_id_scores_only_its_own_images_and_warns_about_stale_ones(tmp_path, capsys, face_flags, gt_files):
+    gt_npy, _ = gt_files
+    out = tmp_path / "id"
+    folder = out / "images" / "without"
+    folder.mkdir(parents=True)
+    for k in (1, 5):  # an earlier run with --n_samples 6
+        Image.open(TOM_HANKS).convert("RGB").save(folder / f"Tom Hanks-{k}.png")
+    argv = [*TINY, "--mode", "without", "--gt_npy", gt_npy, "--names", "Tom Hanks", "--n_samples", 1,
+            "--outdir", out, *face_flags]
+    rc, stdout, err = _run(test_id.main, argv, capsys)
+    assert rc == 0, err
+    assert "warning: 2 images in" in stdout and "not part of this run" in stdout and "--image_folder" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["modes"]["without"]["n_images"] == 1
+    assert sorted(Path(p).name for p in summary["stale_files"]["without"]) == ["Tom Hanks-1.png", "Tom Hanks-5.png"]
+    assert "images from earlier runs left in --outdir (not scored): 2" in stdout
+    assert (folder / "Tom Hanks-5.png").is_file()  # the user's files are never deleted
+    rows = list(csv.DictReader((out / "identity_without.csv").open()))
+    assert rows[0]["n_images"] == "1"
 
 
 # ------------------------------------------------------------------------------------------------ test_fid_clip_score
@@ -185,10 +229,17 @@ def clip_weights(tmp_path_factory):
 
 @pytest.fixture()
 def tiny_fid(monkeypatch):
-    """FID on TinyFeatures instead of the 2048-d Inception network (whose weights cannot be downloaded here)."""
+    """FID on TinyFeatures instead of the 2048-d Inception network (whose weights cannot be downloaded here);
+    returns the list of `antialias` values the script asked for."""
     real = run_quality.build_fid
-    monkeypatch.setattr(run_quality, "build_fid", lambda feature, weights, device="cpu": real(TinyFeatures(), None,
-                                                                                             device))
+    asked: list = []
+
+    def fake(feature, weights, device="cpu", antialias=None):
+        asked.append(antialias)
+        return real(TinyFeatures(), None, device)
+
+    monkeypatch.setattr(run_quality, "build_fid", fake)
+    return asked
 
 
 def test_fid_clip_score_end_to_end(tmp_path, capsys, embedding, clip_weights, tiny_fid):
@@ -214,7 +265,8 @@ def test_fid_clip_score_end_to_end(tmp_path, capsys, embedding, clip_weights, ti
     by = {(r["mode"], int(r["prompt_index"]), int(r["sample"])): r for r in rows}
     assert by[("with", 1, 0)]["prompt"] == "alz A woman holding an umbrella."
     assert by[("without", 1, 0)]["prompt"] == by[("with", 1, 0)]["clip_text"] == "A woman holding an umbrella."
-    assert by[("with", 0, 0)]["prompt"] == "alz A man riding a wave." and by[("with", 2, 0)]["seed"] == str(2238 + 2)
+    assert by[("with", 0, 0)]["prompt"] == "alz A man riding a wave."
+    assert by[("with", 2, 0)]["seed"] == str(image_seed("quality", 2238, "2", 0))
     assert all(by[("with", i, 0)]["seed"] == by[("without", i, 0)]["seed"] for i in range(3))
 
     # Recompute CLIP cosines and FIDs from the saved (lossless) images.
@@ -233,6 +285,24 @@ def test_fid_clip_score_end_to_end(tmp_path, capsys, embedding, clip_weights, ti
     assert summary["fid"]["ref_vs_with"] == pytest.approx(fid_between(fid, load_image_folder(ref), images["with"]),
                                                           rel=1e-4)
     assert summary["fid"]["ref_vs_with"] > summary["fid"]["without_vs_with"]
+    assert summary["fid_antialias"] is True and tiny_fid == [True]  # torchmetrics' default, recorded
+
+
+def test_fid_antialias_flag_is_passed_on_and_recorded(tmp_path, capsys, tiny_fid):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A man.\nA woman.\n")
+    out = tmp_path / "q"
+    argv = [*TINY, "--mode", "without", "--prompts_file", prompts, "--outdir", out, "--skip_clip",
+            "--fid_ref", tmp_path / "ref", "--no-fid_antialias"]
+    (tmp_path / "ref").mkdir()
+    for i, color in enumerate(["red", "blue"]):
+        Image.new("RGB", (32, 32), color).save(tmp_path / "ref" / f"{i}.png")
+    rc, stdout, err = _run(test_fid_clip_score.main, argv, capsys)
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert tiny_fid == [False] and summary["fid_antialias"] is False and summary["settings"]["fid_antialias"] is False
+    assert "antialias=False" in stdout
+    assert test_fid_clip_score.build_parser().parse_args([]).fid_antialias is None  # unset: torchmetrics' default
 
 
 def test_fid_clip_missing_weights_fail_before_generation(tmp_path, capsys, monkeypatch, clip_weights):
@@ -292,8 +362,36 @@ def test_seed_and_prefix_helpers():
     assert with_prefix("alz A photo of Tom", "alz") == "alz A photo of Tom"
     assert with_prefix("A photo of Alz, smiling", "alz") == "A photo of Alz, smiling"
     assert with_prefix("waltz at night", "alz") == "alz waltz at night"
-    assert image_seed(2238, "Tom Hanks", 1) - image_seed(2238, "Tom Hanks", 0) == 1
-    assert image_seed(2238, "Tom Hanks", 0) != image_seed(2238, "Emma Watson", 0)
+    # Spaced punctuation (COCO captions) is not mistaken for an existing placeholder.
+    assert with_prefix("A man riding a horse .", "alz") == "alz A man riding a horse ."
+    assert with_prefix("Two people , one dog", "alz") == "alz Two people , one dog"
+    assert with_prefix("A horse ridden by ALZ .", "alz") == "A horse ridden by ALZ ."
+    assert image_seed("test_id", 2238, "Tom Hanks", 0) != image_seed("test_id", 2238, "Emma Watson", 0)
+
+
+def test_image_seeds_are_hashed_per_domain():
+    import hashlib
+
+    expected = int.from_bytes(hashlib.sha256(b"test_id/2238/Tom Hanks/1").digest()[:8], "big") >> 1
+    assert image_seed("test_id", 2238, "Tom Hanks", 1) == expected < 2**63
+    # Seed s+1 shares no start code with seed s (base + offset + k reused 3 of 4).
+    for domain in ("test_id", "dataset", "quality"):
+        a = {image_seed(domain, 2238, "Tom Hanks", k) for k in range(4)}
+        b = {image_seed(domain, 2239, "Tom Hanks", k) for k in range(4)}
+        assert len(a) == 4 and not a & b, domain
+    # test_id's image k of a person never starts from the noise of the face-set image k (same default --seed).
+    names = ["Tom Hanks", "Ada Lovelace"]
+    test_seeds = {j.seed for jobs in plan_images(names, ["without"], 4, 2238, "A portrait of {name}", None,
+                                                 Path("o"))["without"].values() for j in jobs}
+    face_seeds = {j.seed for j in plan_dataset(names, 100, Path("f"), 2238, [])}
+    assert len(test_seeds) == 8 and not test_seeds & face_seeds
+    quality = {r[0].seed for r in run_quality.plan_quality(["A man.", "A woman."], ["without"], 4, 2238, None,
+                                                           Path("q"))["without"]}
+    assert len(quality) == 8 and not quality & (test_seeds | face_seeds)
+    assert not quality & {r[0].seed for r in run_quality.plan_quality(["A man.", "A woman."], ["without"], 4, 2239,
+                                                                      None, Path("q"))["without"]}
+    with pytest.raises(ValueError, match="seed domain"):
+        image_seed("train", 1, "x", 0)
 
 
 def test_parsers_document_every_flag():

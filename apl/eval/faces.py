@@ -57,6 +57,7 @@ class FaceBackend(Protocol):
     """Anything that finds faces in an RGB image and embeds them."""
 
     name: str
+    embedding_dim: int  # D of the embeddings it makes (512 for ArcFace, 128 for dlib)
 
     def faces(self, image_rgb: np.ndarray) -> list[Face]:
         """All faces in an HxWx3 uint8 RGB image, largest first."""
@@ -182,6 +183,8 @@ class InsightFaceBackend:
                 "w600k_r50.onnx). Re-download the complete buffalo_l pack."
             )
         self.app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(det_size, det_size))
+        out_dim = self.app.models["recognition"].output_shape[-1]  # (1, 512) for w600k_r50; may be symbolic
+        self.embedding_dim = out_dim if isinstance(out_dim, int) and out_dim > 0 else 512
         self.det_thresh = det_thresh
         self.det_size = det_size
 
@@ -225,6 +228,7 @@ class DlibBackend:
     """dlib HOG face detector + ResNet face descriptor (128-d), from the face_recognition_models files."""
 
     name = "dlib"
+    embedding_dim = 128
 
     def __init__(
         self,

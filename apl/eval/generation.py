@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from apl.eval.faces import FaceBackendUnavailable
-from apl.eval.images import ImageReadError
-from apl.eval.quality import ClipWeightsMissing, InceptionWeightsMissing, strip_placeholder
+from apl.eval.images import ImageReadError, clean_name
+from apl.eval.quality import ClipWeightsMissing, InceptionWeightsMissing, has_placeholder
 from apl.runtime import UsageError, load_model_for_cli, pick_device, pick_dtype, shipped_file
 from ldm.checkpoint import CheckpointError
 from ldm.sampling import save_image, txt2img
@@ -35,8 +34,9 @@ CLI_ERRORS: tuple[type[BaseException], ...] = (
     ModuleNotFoundError,
 )
 
-# The face-set file name that train.py (apl.datasets.scan_face_folder) reads: the name, '-', a number.
-FACE_FILE = re.compile(r"^(?P<name>.+)-(?P<k>\d+)$")
+# Each script draws its seeds in its own domain: test_id's image k of a person never starts from the noise of the
+# face-set image k that its ground truth was computed from, and FID/CLIP images never reuse either.
+SEED_DOMAINS = ("test_id", "dataset", "quality")
 
 
 def shipped(path: str | os.PathLike | None) -> str | None:
@@ -44,19 +44,22 @@ def shipped(path: str | os.PathLike | None) -> str | None:
     return None if path is None else str(shipped_file(path))
 
 
-def name_offset(key: str) -> int:
-    """A stable 32-bit number for a name or prompt (unlike hash(), the same in every Python process)."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:4], "big")
+def image_seed(domain: str, base: int, key: str, k: int) -> int:
+    """Seed of image k of `key` (a name, or a prompt's index) in `domain`: the first 63 bits of
+    sha256("<domain>/<base>/<key>/<k>").
 
-
-def image_seed(base: int, key: str, k: int) -> int:
-    """Seed of image k of `key` (a name or prompt): independent of batch size, order and of resumed runs."""
-    return (base + name_offset(key) + k) % (2**63)
+    Independent of batch size, order and resumed runs; unlike `base + offset + k`, --seed 1 and --seed 2 share no
+    image seed, and the domains ('test_id', 'dataset', 'quality') never share one either.
+    """
+    if domain not in SEED_DOMAINS:
+        raise ValueError(f"unknown seed domain {domain!r}; use one of {', '.join(SEED_DOMAINS)}")
+    digest = hashlib.sha256(f"{domain}/{int(base)}/{key}/{int(k)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def check_name(name: str) -> str:
     """An identity name usable in `<Name>-<k>.png` file names; raises UsageError otherwise."""
-    clean = " ".join(name.split())
+    clean = clean_name(name)
     if not clean:
         raise UsageError("an identity name is empty; give names such as --names 'Tom Hanks'")
     if "/" in clean or "\\" in clean or clean.startswith("."):
@@ -65,8 +68,9 @@ def check_name(name: str) -> str:
 
 
 def with_prefix(prompt: str, placeholder: str) -> str:
-    """The prompt as generated with the prefix: the placeholder word in front, unless the prompt already has it."""
-    if strip_placeholder(prompt, placeholder) != " ".join(prompt.split()):
+    """The prompt as generated with the prefix: the placeholder word in front, unless the prompt already has it
+    (as a whole word, any case)."""
+    if has_placeholder(prompt, placeholder):
         return prompt
     return f"{placeholder} {prompt}"
 

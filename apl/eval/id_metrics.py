@@ -19,7 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from apl.eval.faces import FaceBackend
-from apl.eval.images import ImageReadError, LoadReport, is_image_file, list_images, load_image_rgb
+from apl.eval.images import (
+    ImageReadError,
+    LoadReport,
+    clean_name,
+    identity_from_stem,
+    is_hidden,
+    is_image_file,
+    list_images,
+    load_image_rgb,
+)
 from apl.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -128,16 +137,24 @@ def load_ground_truth(npy_path: str | Path, names_path: str | Path) -> dict[str,
     for p, what in ((npy_path, "ground-truth embeddings (.npy)"), (names_path, "ground-truth names file")):
         if not p.is_file():
             raise FileNotFoundError(f"The {what} {p} does not exist.")
+    if npy_path.stat().st_size == 0:
+        raise ValueError(
+            f"The ground-truth embeddings file {npy_path} is empty (0 bytes), e.g. from an interrupted copy; "
+            "write it again with dataset_generation.py --gt_npy or pass --gt_folder."
+        )
     try:
         embs = np.load(npy_path, allow_pickle=False)  # never unpickle objects from a data file
-    except ValueError as err:
-        raise ValueError(f"{npy_path} is not a plain numeric .npy array ({err}).") from err
+    except (ValueError, EOFError) as err:  # EOFError: a truncated file
+        raise ValueError(
+            f"{npy_path} is not a complete, plain numeric .npy array ({type(err).__name__}: {err}); write it again "
+            "with dataset_generation.py --gt_npy."
+        ) from err
     if embs.ndim == 1:
         embs = embs[None, :]
     if embs.ndim != 2 or not np.issubdtype(embs.dtype, np.number):
         raise ValueError(f"{npy_path} must hold an (N, D) numeric array of embeddings, got shape {embs.shape}.")
     # Blank lines (e.g. a trailing newline) are not names.
-    names = [line.strip() for line in names_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [clean_name(line) for line in names_path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if len(names) != embs.shape[0]:
         raise ValueError(
             f"Ground truth mismatch: {npy_path} has {embs.shape[0]} embeddings but {names_path} has {len(names)} "
@@ -164,14 +181,16 @@ def save_ground_truth(gt: dict[str, np.ndarray], npy_path: str | Path, names_pat
 
 
 def _identity_images(folder: Path) -> dict[str, list[Path]]:
-    """Map identity -> reference images: `<Name>-<k>.<ext>` files (name before the last '-') and `<Name>/` folders."""
+    """Map identity -> reference images: `<Name>-<k>.<ext>` files, `<Name>.<ext>` files (the whole stem is the name,
+    so `Jean-Paul Sartre.png` is Jean-Paul Sartre) and `<Name>/` folders. Hidden files and folders are skipped."""
     groups: dict[str, list[Path]] = defaultdict(list)
     for entry in sorted(folder.iterdir()):
+        if is_hidden(entry):
+            continue
         if entry.is_dir():
-            groups[entry.name].extend(list_images(entry, recursive=True))
+            groups[clean_name(entry.name)].extend(list_images(entry, recursive=True))
         elif is_image_file(entry):
-            stem = entry.stem
-            groups[stem.rsplit("-", 1)[0] if "-" in stem else stem].append(entry)
+            groups[identity_from_stem(entry.stem)].append(entry)
     return dict(groups)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+# The face-set file name that train.py (apl.datasets.scan_face_folder) reads: the name, '-', a number.
+FACE_FILE = re.compile(r"^(?P<name>.+)-(?P<k>\d+)$")
 
 
 class ImageReadError(ValueError):
@@ -39,18 +44,39 @@ class LoadReport:
         }
 
 
+def clean_name(name: str) -> str:
+    """An identity name as people files and --names give it: NFC Unicode, single spaces, no outer spaces."""
+    return " ".join(unicodedata.normalize("NFC", name).split())
+
+
+def identity_from_stem(stem: str) -> str:
+    """The person a file stem names: `<Name>-<k>` (k a number) gives Name, any other stem is the name itself."""
+    match = FACE_FILE.match(stem)
+    return clean_name(match.group("name") if match else stem)
+
+
+def is_hidden(path: Path) -> bool:
+    """Dot files: `.DS_Store`, macOS `._photo.png` AppleDouble files, editor and tool droppings."""
+    return path.name.startswith(".")
+
+
 def is_image_file(path: Path) -> bool:
-    """True for a regular file with a known image extension (case-insensitive)."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    """True for a visible regular file with a known image extension (case-insensitive)."""
+    return not is_hidden(path) and path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder`, sorted by path so every run sees them in the same order."""
+    """Image files in `folder` (not hidden ones, nor any inside hidden folders), sorted by path so every run sees
+    them in the same order."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Image folder {folder} does not exist or is not a folder.")
     pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if is_image_file(p))
+    return sorted(
+        p
+        for p in folder.glob(pattern)
+        if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def load_pil_rgb(path: str | Path) -> Image.Image:

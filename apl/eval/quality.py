@@ -20,7 +20,9 @@ __all__ = [
     "InceptionWeightsMissing",
     "build_fid",
     "clip_score_summary",
+    "fid_antialias_default",
     "fid_between",
+    "has_placeholder",
     "load_image_folder",
     "strip_placeholder",
 ]
@@ -41,10 +43,19 @@ class InceptionWeightsMissing(FileNotFoundError):
     """The FID Inception weights file was not given or does not exist."""
 
 
+def _placeholder_word(placeholder: str) -> re.Pattern[str]:
+    # Whole words only, any case (the SD tokenizer lowercases, so "Alz" is the same token).
+    return re.compile(rf"(?<!\w){re.escape(placeholder)}(?!\w)", flags=re.IGNORECASE)
+
+
+def has_placeholder(prompt: str, placeholder: str = "alz") -> bool:
+    """True when the prompt holds the placeholder as a whole word, in any case ("waltz" does not hold "alz")."""
+    return _placeholder_word(placeholder).search(prompt) is not None
+
+
 def strip_placeholder(prompt: str, placeholder: str = "alz") -> str:
     """The prompt without the placeholder word, for scoring against what the user actually asked for."""
-    # Whole words only, any case (the SD tokenizer lowercases, so "Alz" is the same token).
-    text = re.sub(rf"(?<!\w){re.escape(placeholder)}(?!\w)", " ", prompt, flags=re.IGNORECASE)
+    text = _placeholder_word(placeholder).sub(" ", prompt)
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)  # "of alz, smiling" -> "of, smiling" not "of , smiling"
     return re.sub(r"\s+", " ", text).strip()
 
@@ -199,11 +210,31 @@ def _inception_missing(reason: str) -> InceptionWeightsMissing:
     )
 
 
-def build_fid(feature: str | torch.nn.Module = "inception", weights_path: str | None = None, device: str = "cpu"):
+def fid_antialias_default() -> bool:
+    """torchmetrics' own default for FrechetInceptionDistance(antialias=...) (True since torchmetrics 1.5)."""
+    import inspect
+
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    param = inspect.signature(FrechetInceptionDistance.__init__).parameters.get("antialias")
+    if param is None:  # older torchmetrics: always the TF1-style resize of the original FID
+        return False
+    return bool(param.default)
+
+
+def build_fid(
+    feature: str | torch.nn.Module = "inception",
+    weights_path: str | None = None,
+    device: str = "cpu",
+    antialias: bool | None = None,
+):
     """A torchmetrics FrechetInceptionDistance on `device`: the standard 2048-d Inception features or a custom module.
 
     "inception" needs the local weights file (`weights_path` or $APL_INCEPTION_WEIGHTS); it is checked with a
-    restricted unpickler first, so a weights file can never run code.
+    restricted unpickler first, so a weights file can never run code. `antialias` chooses how images are resized to
+    Inception's 299x299: antialiased bilinear (True) or the TF1-style bilinear of the original FID code (False);
+    None keeps torchmetrics' default. FIDs computed with different settings are not comparable. It does not apply
+    to a custom feature module.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -228,7 +259,8 @@ def build_fid(feature: str | torch.nn.Module = "inception", weights_path: str | 
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise ValueError(f"{path} does not look like {INCEPTION_FILE}: no 'fc.weight' tensor in it.")
     try:
-        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path)
+        kw = {} if antialias is None else {"antialias": bool(antialias)}
+        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path, **kw)
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(f"{err} (pip install torch-fidelity)") from err
     return metric.to(device)

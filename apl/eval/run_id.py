@@ -1,13 +1,15 @@
 """test_id.py's work: generate (or read) images per identity, score faces against ground truth, write reports.
 
 Images live in `<outdir>/images/<mode>/<Name>-<k>.png` (mode 'with' or 'without' the prefix). Image k of a name
-has the same seed in both modes, so the side-by-side grids compare the prefix's effect on the same start noise.
+has the same seed in both modes, image_seed('test_id', --seed, name, k), so the side-by-side grids compare the
+prefix's effect on the same start noise; the 'test_id' domain keeps it apart from the face set's seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import string
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,6 @@ from PIL import Image
 
 from apl.eval.faces import FaceBackend, make_backend
 from apl.eval.generation import (
-    FACE_FILE,
     Job,
     check_name,
     generate,
@@ -39,7 +40,7 @@ from apl.eval.id_metrics import (
     write_identity_csv,
     write_summary_json,
 )
-from apl.eval.images import ImageReadError, LoadReport, list_images, load_pil_rgb
+from apl.eval.images import FACE_FILE, ImageReadError, LoadReport, clean_name, list_images, load_pil_rgb
 from apl.io import atomic_save, atomic_write_text
 from apl.people import load_people
 from apl.runtime import UsageError
@@ -89,7 +90,7 @@ def _group_by_name(paths: list[Path], out: ImageSets) -> dict[str, list[Path]]:
         if match is None:
             out.unrecognised.append(str(path))
             continue
-        groups.setdefault(" ".join(match.group("name").split()), []).append(path)
+        groups.setdefault(clean_name(match.group("name")), []).append(path)
     for name in groups:  # numeric order of k, not string order (…-10 after …-9)
         groups[name].sort(key=lambda p: int(FACE_FILE.match(p.stem).group("k")))
     return groups
@@ -113,6 +114,43 @@ def collect_folder(folder: str | Path) -> ImageSets:
     return out
 
 
+def check_template(template: str) -> None:
+    """--prompt_template must fill in {name} and nothing else; say so before any model is loaded."""
+    braces = "write literal braces as {{ and }}"
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:
+        raise UsageError(f"--prompt_template {template!r} is not a valid template ({err}); {braces}") from err
+    extra = list(dict.fromkeys(f for f in fields if f != "name"))
+    if extra:
+        shown = ", ".join("{" + f + "}" for f in extra)
+        raise UsageError(
+            f"--prompt_template {template!r} uses {shown}, but only {{name}} is filled in (with each person's "
+            f"name); remove the other fields or {braces}"
+        )
+    if "name" not in fields:
+        raise UsageError(f"--prompt_template {template!r} must contain {{name}}")
+
+
+# Which backend makes embeddings of a size, for the error message when --gt_npy came from another one.
+_BACKEND_OF_DIM = {512: "insightface", 128: "dlib"}
+
+
+def check_gt_dim(gt: dict[str, np.ndarray], backend: FaceBackend, source: str) -> None:
+    """Ground truth must have the backend's embedding size (a 128-d dlib .npy cannot score ArcFace faces)."""
+    want = getattr(backend, "embedding_dim", None)
+    dims = sorted({int(np.asarray(v).size) for v in gt.values()})
+    if want is None or dims == [want]:
+        return
+    guess = ", ".join(f"{d}-d is {_BACKEND_OF_DIM[d]}" for d in dims if d in _BACKEND_OF_DIM)
+    raise UsageError(
+        f"{source} holds {'/'.join(map(str, dims))}-d embeddings but the {backend.name} face backend makes {want}-d "
+        f"ones{f' ({guess})' if guess else ''}: ground truth and scoring must use the same --face_backend. Pass "
+        "the matching --face_backend, or recompute the ground truth with this one (dataset_generation.py --gt_npy, "
+        "or --gt_folder)."
+    )
+
+
 def load_gt(args: argparse.Namespace, backend: FaceBackend) -> tuple[dict[str, np.ndarray], dict]:
     """Ground truth from --gt_npy/--gt_names or --gt_folder, and a description for the summary."""
     if bool(args.gt_npy) == bool(args.gt_folder):
@@ -123,6 +161,7 @@ def load_gt(args: argparse.Namespace, backend: FaceBackend) -> tuple[dict[str, n
     if args.gt_npy:
         names = gt_names_path(args.gt_npy, args.gt_names)
         gt = load_ground_truth(args.gt_npy, names)
+        check_gt_dim(gt, backend, f"--gt_npy {args.gt_npy}")
         dims = {v.shape[0] for v in gt.values()}
         return gt, {"source": "npy", "npy": args.gt_npy, "names": names, "dim": sorted(dims)}
     report = LoadReport()
@@ -151,8 +190,25 @@ def plan_images(
             if mode == "with":
                 prompt = with_prefix(prompt, placeholder)
             folder = outdir / "images" / mode
-            plans[mode][name] = [Job(prompt, image_seed(seed, name, k), folder / f"{name}-{k}.png") for k in range(n)]
+            plans[mode][name] = [
+                Job(prompt, image_seed("test_id", seed, name, k), folder / f"{name}-{k}.png") for k in range(n)
+            ]
     return plans
+
+
+def stale_images(plans: dict[str, dict[str, list[Job]]], outdir: Path) -> dict[str, list[str]]:
+    """Per mode, `<Name>-<k>` images already in the mode's folder that this run does not make (left by an earlier
+    run with a larger --n_samples or other names). They are not scored, and not deleted: they are the user's."""
+    stale: dict[str, list[str]] = {}
+    for mode, per_name in plans.items():
+        folder = outdir / "images" / mode
+        if not folder.is_dir():
+            continue
+        planned = {job.path for jobs in per_name.values() for job in jobs}
+        found = [str(p) for p in list_images(folder) if FACE_FILE.match(p.stem) and p not in planned]
+        if found:
+            stale[mode] = found
+    return stale
 
 
 def score_set(
@@ -247,8 +303,7 @@ def markdown_report(
 
 def run_test_id(args: argparse.Namespace) -> dict:
     """Generate or read the images, score them, write CSV/JSON/markdown/grids into --outdir; returns the summary."""
-    if "{name}" not in args.prompt_template:
-        raise UsageError(f"--prompt_template {args.prompt_template!r} must contain {{name}}")
+    check_template(args.prompt_template)
     if args.image_folder is None:
         require_embedding(args.mode, args.embedding)
     outdir = Path(args.outdir)
@@ -266,6 +321,7 @@ def run_test_id(args: argparse.Namespace) -> dict:
         missing_gt = [n for n in names if n not in gt]
         sets = {m: {n: s[n] for n in names if n in s and n in gt} for m, s in found.sets.items()}
         unrecognised = found.unrecognised
+        stale: dict[str, list[str]] = {}
     else:
         names = resolve_identity_names(args, list(gt))
         missing_gt = [n for n in names if n not in gt]
@@ -289,6 +345,13 @@ def run_test_id(args: argparse.Namespace) -> dict:
         plans = plan_images(
             scored, modes_for(args.mode), args.n_samples, args.seed, args.prompt_template, gen.placeholder, outdir
         )
+        stale = stale_images(plans, outdir)
+        for mode, files in stale.items():
+            print(
+                f"warning: {len(files)} images in {outdir / 'images' / mode} are not part of this run (e.g. "
+                f"{Path(files[0]).name}; left by an earlier run with more --n_samples or other names). They are "
+                f"not scored now, but --image_folder {outdir} would score them: move them away or use a new --outdir."
+            )
         for mode, per_name in plans.items():
             jobs = [j for name_jobs in per_name.values() for j in name_jobs]
             generate(
@@ -310,6 +373,7 @@ def run_test_id(args: argparse.Namespace) -> dict:
         "modes": {},
         "names_without_ground_truth": missing_gt,
         "unrecognised_files": unrecognised,
+        "stale_files": stale,
         "ground_truth": gt_info,
         "settings": _settings(args, backend.name),
     }
@@ -372,6 +436,9 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{'':<9} {s['unreadable']} unreadable images skipped")
     if summary["names_without_ground_truth"]:
         lines.append(f"identities without ground truth (not scored): {len(summary['names_without_ground_truth'])}")
+    stale = summary.get("stale_files") or {}
+    if stale:
+        lines.append(f"images from earlier runs left in --outdir (not scored): {sum(map(len, stale.values()))}")
     if summary["unrecognised_files"]:
         lines.append(f"files not named <Name>-<k>.<ext> (ignored): {len(summary['unrecognised_files'])}")
     return "\n".join(lines)

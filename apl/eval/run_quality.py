@@ -18,6 +18,7 @@ from PIL import Image
 from apl.eval.generation import (
     Job,
     generate,
+    image_seed,
     load_model_and_prefix,
     modes_for,
     require_embedding,
@@ -30,6 +31,7 @@ from apl.eval.quality import (
     ClipScorer,
     build_fid,
     clip_score_summary,
+    fid_antialias_default,
     fid_between,
     load_image_folder,
     strip_placeholder,
@@ -50,7 +52,8 @@ def prompt_pair(line: str, placeholder: str) -> tuple[str, str]:
 def plan_quality(
     prompts: list[str], modes: list[str], n: int, seed: int, placeholder: str | None, outdir: Path
 ) -> dict[str, list[tuple[Job, int, int, str]]]:
-    """Per mode: (job, prompt index, sample index, clean prompt); image k of prompt i has one seed in both modes."""
+    """Per mode: (job, prompt index, sample index, clean prompt); image k of prompt i has one seed in both modes,
+    image_seed('quality', seed, str(i), k)."""
     plans: dict[str, list[tuple[Job, int, int, str]]] = {}
     for mode in modes:
         rows = []
@@ -58,8 +61,8 @@ def plan_quality(
             with_p, clean = prompt_pair(line, placeholder or "alz")
             prompt = with_p if mode == "with" else clean
             for k in range(n):
-                job = Job(prompt, seed + i * n + k, outdir / "images" / mode / f"{i:05d}-{k}.png")
-                rows.append((job, i, k, clean))
+                path = outdir / "images" / mode / f"{i:05d}-{k}.png"
+                rows.append((Job(prompt, image_seed("quality", seed, str(i), k), path), i, k, clean))
         plans[mode] = rows
     return plans
 
@@ -100,7 +103,10 @@ def run_quality(args: argparse.Namespace, fid_feature: str | torch.nn.Module = "
     if want_fid and len(prompts) * args.n_samples < 2:
         raise UsageError(f"FID needs at least 2 generated images per set; {len(prompts)} prompt(s) x --n_samples "
                          f"{args.n_samples} gives fewer (raise --n_samples or pass --skip_fid)")
-    fid = build_fid(fid_feature, args.inception_weights, device=device) if want_fid else None
+    antialias = getattr(args, "fid_antialias", None)
+    antialias = fid_antialias_default() if antialias is None else bool(antialias)
+    fid = build_fid(fid_feature, args.inception_weights, device=device, antialias=antialias) if want_fid else None
+    summary["fid_antialias"] = antialias if want_fid else None  # FIDs with different resizing are not comparable
     ref: list[Image.Image] = []
     if want_fid and args.fid_ref:
         ref, ref_report = _load_reference(args.fid_ref)
@@ -152,7 +158,7 @@ def _write_csv(plans: dict, cosines: dict[str, list[float]], path: Path, outdir:
 
 def _settings(args: argparse.Namespace) -> dict:
     keys = ("ckpt_path", "config_path", "embedding", "mode", "n_samples", "steps", "scale", "seed",
-            "negative_prompt", "clip_model", "clip_pretrained", "fid_ref")
+            "negative_prompt", "clip_model", "clip_pretrained", "fid_ref", "fid_antialias")
     return {k: getattr(args, k, None) for k in keys}
 
 
@@ -166,6 +172,8 @@ def format_summary(summary: dict) -> str:
                          f"n={c['n']})")
     for key, value in summary["fid"].items():
         lines.append(f"FID {key}: {value:.4f}")
+    if summary["fid"]:
+        lines.append(f"FID resize to 299x299 with antialias={summary.get('fid_antialias')}")
     ref = summary.get("fid_ref")
     if ref and ref["unreadable"]:
         lines.append(f"{ref['unreadable']} unreadable reference images skipped")
