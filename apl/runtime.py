@@ -61,7 +61,12 @@ def load_model_for_cli(
     dtype: torch.dtype,
     seed: int = 0,
 ):
-    """The model for a script run. The tiny config without a checkpoint gives seeded random weights (demo/tests)."""
+    """The model for a script run. The tiny config without a checkpoint gives seeded random weights (demo/tests).
+
+    On a GPU this also lets cuDNN time its convolution algorithms once per shape (`cudnn.benchmark`): training and
+    sampling run the same shapes thousands of times."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if ckpt_path in (None, "", "none") or (is_tiny(config_path) and str(ckpt_path) == DEFAULT_CKPT):
         if not is_tiny(config_path):
             raise UsageError(

@@ -175,6 +175,8 @@ def _run(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError(f"--cuda_graph needs a CUDA GPU; this run is on {device}")
+    if device.type == "cuda":  # as our scripts run (apl.runtime.load_model_for_cli); diffusers gets it too
+        torch.backends.cudnn.benchmark = True
     bench = Workloads(args, load_config(ROOT / SIZES[args.size]["config"]), device)
     res = bench.results
     res["meta"] = describe_env(args, bench.device)
