@@ -68,6 +68,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     cuda_graph: bool = False  # capture the step's device work once in a CUDA graph and replay it (GPU)
+    channels_last: bool = False  # UNet activations and conv weights in NHWC memory (GPU tensor cores)
     accelerator: str = "auto"  # auto | cuda | cpu
     num_nodes: int = 1
     progress: bool = True
@@ -277,6 +278,8 @@ def train(cfg: TrainConfig) -> Path:
     model = load_model_for_cli(cfg.config_path, cfg.ckpt_path, device, pick_dtype(precision, device), cfg.seed)
     if cfg.gradient_checkpointing:
         model.model.diffusion_model.set_gradient_checkpointing(True)
+    if cfg.channels_last:
+        model.model.diffusion_model.set_channels_last(True)
     if cfg.compile:
         model.model.diffusion_model = torch.compile(model.model.diffusion_model, mode=cfg.compile_mode)
     em = EmbeddingManager(

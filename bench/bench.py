@@ -69,7 +69,8 @@ def describe_env(args: argparse.Namespace, device: torch.device) -> dict:
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
         "compile_dynamic": args.compile_dynamic,
-        "grad_ckpt": args.grad_ckpt, "cuda_graph": args.cuda_graph, "batches": args.batches,
+        "grad_ckpt": args.grad_ckpt, "channels_last": args.channels_last, "cuda_graph": args.cuda_graph,
+        "batches": args.batches,
         "iters": args.iters, "warmup": args.warmup,
         "steps": args.steps, "scale": args.scale, "sample_batch": args.sample_batch,
         "sample_iters": args.sample_iters, "image_size": args.image_size, "num_vectors": args.num_vectors,
@@ -129,6 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="batch-size handling with --compile: auto (static, then one symbolic-batch graph), static "
                         "(one graph per batch size: longest compile), dynamic")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in our UNet")
+    p.add_argument("--channels_last", action="store_true",
+                   help="our UNet in channels-last memory (train.py --channels_last), training and sampling")
     p.add_argument("--cuda_graph", action="store_true",
                    help="our training step captured in a CUDA graph (train.py --cuda_graph); rows 'ours_graph'")
     p.add_argument("--num_vectors", type=int, default=10, help="learned prefix vectors")

@@ -122,6 +122,7 @@ def markdown_table(res: dict) -> str:
         f"APL benchmark: {m.get('size')} size on {m.get('device_name')} ({m.get('device')}); {m.get('precision')}"
         f"{', compile=' + str(m.get('compile_mode')) if m.get('compile') else ''}"
         f"{', grad ckpt' if m.get('grad_ckpt') else ''}{', CUDA graph' if m.get('cuda_graph') else ''}"
+        f"{', channels-last' if m.get('channels_last') else ''}"
         f"; torch {m.get('torch')}, diffusers {m.get('diffusers')}",
         *([f"(baselines {', '.join(m['baselines_from']['copied'])} from {m['baselines_from']['path']})"]
           if m.get("baselines_from") else []),

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared benchmark run for a lent NVIDIA H100/H200 (about 9 minutes in all). From the repo root:
 #
-#   OUT=bench-out bash bench/run_gpu.sh    # -> $OUT/env.txt, run.log, summary.md, one JSON per run
+#   OUT=bench-out bash bench/run_gpu.sh    # -> $OUT/run.log (environment first), summary.md, one JSON per run
 #
 # It prints the GPU and versions, installs what is missing, runs the CUDA-only tests (pytest -m cuda: the CUDA
-# graph step and train.py --cuda_graph against eager), then the full-size benchmark five times:
+# graph step and train.py --cuda_graph against eager), then the full-size benchmark six times:
 #   eager             all workloads, batches 1,8,32 (the baselines are measured here)
 #   graph             our training step captured in a CUDA graph (train.py --cuda_graph), batches 1,8,32
+#   graph_cl          the same with --channels_last, batches 1,32, and our sampler with channels-last
 #   compile_sampling  our sampler with torch.compile
 #   compile           our training step with torch.compile, batches 32,1
 #   ckpt              our training step with gradient checkpointing, batches 1,32 (memory)
@@ -43,7 +44,7 @@ log() { echo "[run_gpu +$(elapsed)s] $*"; }
     nvidia-smi || echo "nvidia-smi failed"
     echo "== python"
     "$PY" -c 'import sys; print(sys.version, sys.executable)'
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$OUT/run.log"
 
 # --- install what is missing (never replace a working CUDA torch) ---
 missing=$("$PY" - <<'EOF'
@@ -71,7 +72,7 @@ if [[ -n "$missing" ]]; then
     fi
 fi
 
-"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/run.log"
 import importlib
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
@@ -91,7 +92,7 @@ if [[ "${REQUIRE_GPU:-1}" == 1 ]]; then
 fi
 
 # --- benchmark runs: name, time limit (s), minimum time needed to start (s), bench arguments ---
-# All output goes to $OUT/run.log (the device tool brings back at most 8 files: env.txt, run.log, 5 JSON, summary).
+# All output goes to $OUT/run.log (the device tool brings back at most 8 files: run.log, summary.md, 6 JSON).
 bench() {
     local name=$1 limit=$2 need=$3
     shift 3
@@ -118,7 +119,6 @@ bench() {
 # Later runs take the baselines (original_style, diffusers_bf16, diffusers sampling) from the eager run's JSON.
 reuse() { [[ -s "$OUT/eager.json" ]] && echo "--baselines_from $OUT/eager.json" || true; }
 
-: >"$OUT/run.log"
 # CUDA-only tests first (the captured training step and train.py --cuda_graph must equal eager): 150 s at most.
 if [[ -z "${BENCH_SKIP_TESTS:-}" ]]; then
     log "pytest -m cuda" | tee -a "$OUT/run.log"
@@ -131,6 +131,9 @@ bench eager 200 120 --batches 1,8,32
 # The CUDA graph step: capture takes seconds, so all three batch sizes.
 # shellcheck disable=SC2046  # reuse prints nothing or two words
 bench graph 100 50 --batches 1,8,32 --cuda_graph --skip baselines,numerics,sampling $(reuse)
+# The same with channels-last memory (NHWC convolutions), and our sampler with it.
+# shellcheck disable=SC2046
+bench graph_cl 100 50 --batches 1,32 --cuda_graph --channels_last --skip baselines,numerics,decode $(reuse)
 # Compiled sampling: one graph (batch 2 x sample_batch, no grad), about a minute.
 # shellcheck disable=SC2046
 bench compile_sampling 150 90 --compile --skip train,numerics,decode,sampling_diffusers $(reuse)

@@ -266,6 +266,7 @@ class Workloads:
         """Our model with apl_loss + Adam at each batch size (optionally compiled / checkpointed)."""
         a, dev = self.args, self.device
         model = build_ours(self.config, self.sd, dev, self.dtype)
+        model.model.diffusion_model.set_channels_last(a.channels_last)
         if a.grad_ckpt:
             model.model.diffusion_model.set_gradient_checkpointing(True)
         if a.compile:
@@ -298,7 +299,7 @@ class Workloads:
 
             t = timed(step, a.iters, a.warmup, dev)
             extra = dict(dtype=a.precision, compile=a.compile_mode if a.compile else False, grad_ckpt=a.grad_ckpt,
-                         cuda_graph=a.cuda_graph)
+                         cuda_graph=a.cuda_graph, channels_last=a.channels_last)
             self.record("train", name, str(b), self._train_record(b, t, weights, **extra))
             del z0, step, device_step
             gc.collect()
@@ -342,6 +343,7 @@ class Workloads:
         """Our txt2img_latents (DDIM + CFG), then (unless skipped) our VAE decode."""
         a, dev = self.args, self.device
         model = build_ours(self.config, self.sd, dev, self.dtype)
+        model.model.diffusion_model.set_channels_last(a.channels_last)
         if a.compile:
             compile_unet(model, a.compile_mode, a.compile_dynamic)
         prompts = sample_prompts(a.sample_batch)
@@ -354,7 +356,7 @@ class Workloads:
 
         t = timed(sample, a.sample_iters, 1, dev)
         self.record("sampling", "ours", None, {**self._sample_record(t), "compile": a.compile_mode if a.compile
-                                               else False})
+                                               else False, "channels_last": a.channels_last})
         if "decode" not in a.skip:
             z = out[0]
             t = timed(lambda: torch.no_grad()(model.decode_first_stage)(z), a.sample_iters, 1, dev)

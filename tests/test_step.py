@@ -148,3 +148,29 @@ def test_cuda_graph_replays_like_eager(tiny_config, dtype, grad_ckpt):
         assert g_eager.abs().sum() > 0
         cos = torch.nn.functional.cosine_similarity(g_graph.flatten().double(), g_eager.flatten().double(), dim=0)
         assert cos > tol["cos"], float(cos)
+
+
+def test_channels_last_unet_and_step_match_the_default_layout(tiny_model):
+    """--channels_last: the UNet runs NHWC inside, returns NCHW, and the step's loss and prefix gradient agree with
+    the default layout (fp32 rounding); the step stays free of host syncs."""
+    model = copy.deepcopy(tiny_model)
+    unet = model.model.diffusion_model
+    z0, t, noise, private_ids, neutral_ids = _inputs(model)
+    with torch.no_grad():
+        ctx = model.get_learned_conditioning(NEUTRAL)
+        ref = model.apply_model(noise, t, ctx)
+    step = StaticStep(model, _em(model), 2, (model.channels, 8, 8))
+    step.load(z0, t, noise, private_ids, neutral_ids)
+    loss_ref, grads_ref = (x.clone() for x in (step.run()[0], step.run()[1][0]))
+
+    unet.set_channels_last(True)
+    assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model.apply_model(noise, t, ctx)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    loss, grads = step.run()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[0], grads_ref, rtol=1e-4, atol=1e-9)
+    unet.set_channels_last(False)
+    assert unet.input_blocks[0][0].weight.is_contiguous()
