@@ -112,6 +112,7 @@ bench() {
     case $rc in
         0) log "$name done" ;;
         124|130|137) log "$name STOPPED at its ${limit}s limit: $OUT/$name.json holds what it measured" ;;
+        2) log "$name refused its arguments or setup (exit 2; the message is just above)" ;;
         *) log "$name exited with $rc (errors are listed in $OUT/$name.json)" ;;
     esac | tee -a "$OUT/run.log"
 }
