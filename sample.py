@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from apl.people import load_prompts
-from apl.runtime import SD_CONFIG, UsageError, load_model_for_cli, pick_device, pick_dtype
+from apl.runtime import DEFAULT_CKPT, SD_CONFIG, UsageError, load_model_for_cli, pick_device, pick_dtype
 from args.clip_args import positive_int, positive_multiple_of_8
 from ldm.checkpoint import CheckpointError
 from ldm.sampling import make_grid, save_image, txt2img
@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--W", type=positive_multiple_of_8, default=None, help="image width, a multiple of 8 (default: the config's)"
     )
     p.add_argument("--config_path", default=str(SD_CONFIG), help="CompVis model config")
-    p.add_argument("--ckpt_path", default=None, help="SD v1.x .ckpt/.safetensors (omit with the tiny config)")
+    p.add_argument(
+        "--ckpt_path",
+        default=DEFAULT_CKPT,
+        help="SD v1.x .ckpt/.safetensors; the default path is not used with the tiny config",
+    )
     p.add_argument("--embedding", default=None, help="learned prefix file (.pt/.safetensors) for prompts with 'alz'")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight precision")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")

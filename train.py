@@ -25,7 +25,8 @@ HELP = {
     "iterations": "training steps",
     "lr": "Adam learning rate of the prefix",
     "config_path": "CompVis model config (configs/tiny/tiny-sd.yaml = random tiny model, no checkpoint needed)",
-    "ckpt_path": "SD v1.x checkpoint (.ckpt/.safetensors); ignored with the tiny config",
+    "ckpt_path": "SD v1.x checkpoint (.ckpt/.safetensors); with the tiny config the default path is not used (random "
+    "weights), a path given explicitly is loaded",
     "diffusers_config_path": "if set, also export each saved prefix in diffusers textual-inversion format",
     "devices": "GPU ids for data parallelism, e.g. 0,1; with --accelerator cpu the number of processes",
     "seperator": "kept from the original command line (ESD multi-word runs); has no effect in APL",

@@ -356,6 +356,7 @@ def test_export_cli(trained, tmp_path):
     assert export_prefix.main([str(src), "--format", "a1111", "--out", str(tmp_path / "APL.pt")]) == 0
     a1111 = torch.load(tmp_path / "APL.pt", weights_only=True)
     assert torch.equal(a1111["string_to_param"]["*"], _prefix(src)) and a1111["name"] == "APL"
+    assert a1111["step"] == 6  # the .pt prefix carries its step
     assert export_prefix.main([str(src), "--format", "diffusers", "--out", str(tmp_path / "d.safetensors")]) == 0
     assert (
         export_prefix.main([str(tmp_path / "missing.pt"), "--format", "a1111", "--out", str(tmp_path / "x.pt")]) == 2

@@ -359,11 +359,14 @@ class EmbeddingManager(nn.Module):
             }
             _write_atomically(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
         elif suffix == ".pt":
-            # The original layout exactly (0-d token tensors, a real ParameterDict) so the original code reads it.
-            data = {
+            # The original layout (0-d token tensors, a real ParameterDict) so the original code reads it; the step
+            # rides along as an extra key (the original reads only the two above; A1111 reads 'step' too).
+            data: dict = {
                 "string_to_token": {s: torch.tensor(t) for s, t in self.string_to_token_dict.items()},
                 "string_to_param": nn.ParameterDict({s: nn.Parameter(v) for s, v in vectors.items()}),
             }
+            if step is not None:
+                data["step"] = int(step)
             _write_atomically(path, lambda tmp: _torch_save_portable(data, tmp))
         else:
             raise ValueError(
