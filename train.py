@@ -62,7 +62,8 @@ HELP = {
     "cuda_graph": "capture the step's GPU work (text encoding, both UNet passes, backward) once in a CUDA graph and "
     "replay it: no per-step Python or launch overhead; the batch size is fixed, the first step captures",
     "channels_last": "keep UNet activations and conv weights in channels-last (NHWC) memory, the layout of cuDNN's "
-    "tensor-core convolutions (GPU); same math, other kernels",
+    "tensor-core convolutions; same math, other kernels. Unmeasured: PyTorch's CUDA GroupNorm works in NCHW, so "
+    "without --compile it converts back and forth",
     "accelerator": "auto, cuda or cpu",
     "num_nodes": "nodes for multi-node data parallelism (launch with torchrun/SLURM as usual)",
     "progress": "show the progress bar",

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ldm.util import staged
+
 
 def apl_loss(
     model,
@@ -88,7 +90,7 @@ class StaticStep:
         ):  # fmt: skip
             if value.shape != buf.shape:
                 raise ValueError(f"StaticStep.load: got shape {tuple(value.shape)}, the buffer is {tuple(buf.shape)}")
-            buf.copy_(value, non_blocking=True)
+            buf.copy_(staged(value, buf.device), non_blocking=True)
 
     def _body(self) -> torch.Tensor:
         """The step's device work: per-sample loss (B,) after backward; gradients land in p.grad."""

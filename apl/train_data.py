@@ -20,6 +20,7 @@ from apl.images import SkipReport
 from apl.latent_cache import LatentCache
 from apl.people import general_prompts, load_people, load_templates, sample_identity_prompts
 from apl.runtime import UsageError, shipped_file
+from ldm.util import staged
 
 
 @dataclass
@@ -111,11 +112,11 @@ def clean_latents(
     data: TrainData, plan: list[PlannedSample], vae_noise: torch.Tensor, scale_factor: float
 ) -> torch.Tensor:
     """z_0 (b, 4, h, w) of planned samples on the latents' device: scale * (mean + std * eps) for images, the
-    stored z_0 otherwise. Index tensors go to the device with non_blocking copies, so no host sync happens."""
+    stored z_0 otherwise. Index tensors and noise go to the device from pinned memory, so no host sync happens."""
     first = data.face_latents if data.face_latents is not None else data.general_latents
     device = first.device
     out = torch.empty((len(plan), *vae_noise.shape[1:]), device=device)
-    vae_noise = vae_noise.to(device, non_blocking=True)
+    vae_noise = staged(vae_noise, device).to(device, non_blocking=True)
     for kind, latents, moments in (
         ("id", data.face_latents, True),
         ("general", data.general_latents, data.general_is_moments),
@@ -123,8 +124,9 @@ def clean_latents(
         rows = [i for i, p in enumerate(plan) if p.kind == kind]
         if not rows:
             continue
-        rows_t = torch.tensor(rows).to(device, non_blocking=True)
-        lat = latents.index_select(0, torch.tensor([plan[i].index for i in rows]).to(device, non_blocking=True))
+        rows_t = staged(torch.tensor(rows), device).to(device, non_blocking=True)
+        picks = staged(torch.tensor([plan[i].index for i in rows]), device).to(device, non_blocking=True)
+        lat = latents.index_select(0, picks)
         if moments:
             mean, logvar = lat.float().chunk(2, dim=1)
             out[rows_t] = scale_factor * (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * vae_noise[rows_t])

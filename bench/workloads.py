@@ -1,7 +1,8 @@
 """The benchmark's workloads: each builds only its own models on the device, times them and records the result.
 
-Timing: warm-up calls (compilation happens there), then timed calls with one synchronize at the end; peak memory
-is torch.cuda.max_memory_allocated over the timed calls (resident weights included), None on the CPU.
+Timing: warm-up calls (compilation and CUDA-graph capture happen there), then timed calls with one synchronize at
+the end. Peak memory is torch.cuda.max_memory_allocated over warm-up and timed calls together (resident weights
+included): a captured graph allocates its memory pool during capture and nothing when it replays; None on the CPU.
 """
 
 from __future__ import annotations
@@ -85,22 +86,25 @@ def free_device(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> dict:
-    """`warmup` untimed calls, then `iters` timed ones with one synchronize at the end; their peak memory."""
+    """`warmup` untimed calls, then `iters` timed ones with one synchronize at the end; the peak memory of both."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
     _sync(device)
     warm_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
     _sync(device)
     total = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
+    reserved = torch.cuda.max_memory_reserved(device) / GIB if cuda else None
     return {"iters": iters, "warmup": warmup, "warmup_s": round(warm_s, 3), "total_s": round(total, 4),
-            "ms_per_iter": 1000.0 * total / iters, "peak_gib": peak}
+            "ms_per_iter": 1000.0 * total / iters, "peak_gib": peak, "peak_reserved_gib": reserved}
 
 
 def master_state_dict(config: dict, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -221,8 +225,8 @@ class Workloads:
 
     def _train_record(self, batch: int, t: dict, weights_gib: float | None, **extra) -> dict:
         return {"batch": batch, "samples_per_s": batch * 1000.0 / t["ms_per_iter"], "step_ms": t["ms_per_iter"],
-                "peak_gib": t["peak_gib"], "weights_gib": weights_gib, "warmup_s": t["warmup_s"],
-                "iters": t["iters"], "warmup": t["warmup"], **extra}
+                "peak_gib": t["peak_gib"], "peak_reserved_gib": t["peak_reserved_gib"], "weights_gib": weights_gib,
+                "warmup_s": t["warmup_s"], "iters": t["iters"], "warmup": t["warmup"], **extra}
 
     def original_style(self) -> None:
         """diffusers fp32, batch 1, as the original trained: VAE encode, 3 UNet passes per step."""

@@ -126,6 +126,17 @@ def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]
 # ----- weights-only unpickling: tensors and plain data only; named stand-ins for known harmless classes
 
 
+def staged(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` ready for a non-blocking copy to `device`: a CPU tensor bound for a GPU is first copied into pinned memory.
+
+    A copy from ordinary (pageable) host memory makes the host wait until the GPU has finished everything queued
+    before it, so the CPU could no longer prepare step n+1 while the GPU runs step n. PyTorch's pinned-memory
+    cache keeps the buffer alive until the copy is done."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda" and not t.is_pinned():
+        return t.pin_memory()
+    return t
+
+
 def load_weights_only(path: str | os.PathLike, stand_ins: list | tuple = (), mmap: bool = False) -> object:
     """`torch.load(weights_only=True)` with `stand_ins` ((class, "module.Name") pairs) allowed for this call only.
 

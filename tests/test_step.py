@@ -174,3 +174,11 @@ def test_channels_last_unet_and_step_match_the_default_layout(tiny_model):
     torch.testing.assert_close(grads[0], grads_ref, rtol=1e-4, atol=1e-9)
     unet.set_channels_last(False)
     assert unet.input_blocks[0][0].weight.is_contiguous()
+
+
+def test_staged_leaves_cpu_copies_alone():
+    """Only a CPU tensor bound for a GPU is pinned; CPU-to-CPU (and device-resident) tensors pass through."""
+    from ldm.util import staged
+
+    t = torch.zeros(3)
+    assert staged(t, "cpu") is t and staged(t, torch.device("cpu")) is t

@@ -196,7 +196,8 @@ class UNetModel(nn.Module):
     def set_channels_last(self, enabled: bool = True) -> None:
         """Keep activations and conv weights in NHWC (channels-last) memory: cuDNN's tensor-core convolutions work
         in NHWC, and the transformers' (B, HW, C) token view is then free. Same math; other kernels round
-        differently (fp32 agrees to ~1e-6)."""
+        differently (fp32 agrees to ~1e-6). PyTorch's eager CUDA GroupNorm works in NCHW and converts (forward and
+        backward), so the gain, if any, is for torch.compile, which writes its own GroupNorm."""
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.channels_last = enabled
 

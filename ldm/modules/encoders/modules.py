@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.util import staged
+
 # (input_ids (B, 77), token_embeds (B, 77, D)) -> token_embeds (B, 77, D)
 EmbeddingHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -161,8 +163,8 @@ class FrozenCLIPEmbedder(nn.Module):
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Prompts -> token ids (B, 77) on this module's device."""
         device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        # non_blocking: a fresh CPU tensor is staged at once, and the GPU queue is not drained (no host sync).
-        return self.tokenizer(text).to(device, non_blocking=True)
+        # Pinned first (on a GPU): a copy from pageable memory would make the host wait for the GPU queue.
+        return staged(self.tokenizer(text), device).to(device, non_blocking=True)
 
     def forward(
         self, text: str | Sequence[str] | torch.Tensor, embedding_manager: EmbeddingHook | None = None
