@@ -264,3 +264,12 @@ def test_clip_version_may_name_a_local_copy():
         FrozenCLIPEmbedder(version="/models/openai/clip-vit-large-patch14/", width=32, layers=1, heads=2)
         with pytest.raises(ValueError, match="unknown version 'laion/CLIP-ViT-H-14'"):
             FrozenCLIPEmbedder(version="laion/CLIP-ViT-H-14", width=32, layers=1, heads=2)
+
+
+def test_unexpected_keys_are_refused(tmp_path, tiny_config, tiny_sd):
+    sd = {k: v.clone().contiguous() for k, v in tiny_sd.items()}
+    sd["model.diffusion_model.extra_block.weight"] = torch.zeros(2)
+    path = tmp_path / "x.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match="unexpected model.diffusion_model.extra_block"):
+        load_model(tiny_config, path)

@@ -6,11 +6,19 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from apl.step import StaticStep, apl_loss
 from ldm.checkpoint import build_model
 from ldm.modules.embedding_manager import EmbeddingManager
+
+
+@pytest.fixture(scope="module")
+def strong_tiny_model(tiny_config):
+    """Larger random weights: the tiny model's eps then depends clearly on the text."""
+    return randomize_(build_model(copy.deepcopy(tiny_config)), std=0.15).eval().requires_grad_(False)
+
 
 PRIVATE = ["alz A photo of Tom Hanks", "alz a red car"]
 NEUTRAL = ["A photo of a male person, short brown hair.", "a red car"]
@@ -182,3 +190,33 @@ def test_staged_leaves_cpu_copies_alone():
 
     t = torch.zeros(3)
     assert staged(t, "cpu") is t and staged(t, torch.device("cpu")) is t
+
+
+@pytest.mark.parametrize("g", [0.5, 1.0, 2.0])
+def test_apl_loss_value_and_gradient_closed_form(strong_tiny_model, g):
+    """loss = (1+g)^2 * mse(eps_p, eps_n); d loss = (1+g) * d mse (the stop-gradient on eps_p in the target)."""
+    m = strong_tiny_model
+    em = EmbeddingManager(m.cond_stage_model, ["alz"], 4, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([100, 700])
+    loss = apl_loss(m, em, z, t, PRIVATE, NEUTRAL, negative_guidance=g)
+    loss.mean().backward()
+    grad = em.embedding_parameters()[0].grad.clone()
+    em.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        eps_n = m.apply_model(z, t, m.get_learned_conditioning(NEUTRAL))
+    eps_p = m.apply_model(z, t, m.get_learned_conditioning(PRIVATE, embedding_manager=em))
+    mse = ((eps_p - eps_n) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss.detach(), (1 + g) ** 2 * mse.detach(), rtol=1e-5, atol=0)
+    mse.mean().backward()
+    ref = em.embedding_parameters()[0].grad
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(grad, (1 + g) * ref, rtol=1e-4, atol=1e-10)
+
+
+def test_q_sample_closed_form(tiny_model):
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    ac = tiny_model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(tiny_model.q_sample(x0, t, noise), ac.sqrt() * x0 + (1 - ac).sqrt() * noise)

@@ -135,3 +135,12 @@ def test_missing_or_corrupt_bpe_file(tmp_path):
         f.write("#version: 0.2\ni n\nt h\n")
     with pytest.raises(ValueError, match=r"short\.txt\.gz.*corrupt"):
         CLIPTokenizer(short)
+
+
+def test_tokenizer_rows_cannot_be_mutated_through_results():
+    tok = CLIPTokenizer()
+    for arg in ("a red car", ["a red car"], ["a red car", "a cat"]):
+        ids = tok(arg)
+        want = ids.clone()
+        ids[0, 1] = 0
+        assert torch.equal(tok(arg), want)
