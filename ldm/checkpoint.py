@@ -7,7 +7,6 @@ followed by `load_state_dict(assign=True)` into a model built on the `meta` devi
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import zipfile
 from collections.abc import Mapping
@@ -22,10 +21,9 @@ from ldm.models.diffusion.ddpm import SCHEDULE_KEYS, LatentDiffusion, schedule_t
 from ldm.util import (
     atomic_save,
     instantiate_from_config,
+    is_safetensors_file,
     load_config,
-    load_weights_only,
-    refused_global,
-    sniff_weights_file,
+    read_pickled_weights,
 )
 
 # Keys that real SD v1 files carry beyond the model's tensors; tolerated by name, never loaded.
@@ -100,35 +98,24 @@ def _check_path(path: Path) -> None:
 
 
 def _read_pickle(path: Path) -> object:
-    try:
-        return load_weights_only(path, _STUB_GLOBALS + _numpy_globals(), mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        what = refused_global(e)
-        if not what:  # no refused class: the bytes are no pickle at all (torch: "Unsupported operand")
-            raise CheckpointError(
-                f"cannot read {path}: it is not a PyTorch checkpoint (no pickle inside). Download it again and "
-                "compare its size/hash with the source."
-            ) from None
-        raise CheckpointError(
-            f"refused to load {path}: it holds a pickled callable or object{what} that would run code when "
-            "unpickled, and APL never executes code from weight files. Use a .safetensors copy of the model, "
-            "or convert this file to .safetensors yourself only if you trust its source."
-        ) from e
-    except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
-        raise CheckpointError(
-            f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({type(e).__name__}: {e}). "
-            "Download it again and compare its size/hash with the source."
-        ) from e
+    return read_pickled_weights(
+        path,
+        _STUB_GLOBALS + _numpy_globals(),
+        CheckpointError,
+        kind="PyTorch checkpoint",
+        refusal="would run code when unpickled, and APL never executes code from weight files. Use a .safetensors "
+        "copy of the model, or convert this file to .safetensors yourself only if you trust its source.",
+        retry="Download it again and compare its size/hash with the source.",
+        mmap=zipfile.is_zipfile(path),
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint: top-level or under `state_dict`; `.safetensors` or weights-only pickles."""
     path = Path(path)
     _check_path(path)
-    kind = sniff_weights_file(path)
-    if kind not in (None, "safetensors"):
-        raise CheckpointError(f"cannot read {path}: it is {kind}.")
-    if path.suffix.lower() in SAFETENSORS_EXT or kind == "safetensors":  # a .ckpt name on safetensors bytes too
+    safetensors_bytes = is_safetensors_file(path, CheckpointError)  # a .ckpt name on safetensors bytes loads too
+    if path.suffix.lower() in SAFETENSORS_EXT or safetensors_bytes:
         try:
             obj: object = load_safetensors(str(path), device="cpu")
         except (SafetensorError, OSError) as e:

@@ -7,6 +7,7 @@ file cannot make APL run arbitrary code.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -123,7 +124,7 @@ def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]
     _fsync_dir(path.parent)
 
 
-# ----- weights-only unpickling: tensors and plain data only; named stand-ins for known harmless classes
+# ----- host-to-device copies
 
 
 def staged(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -135,6 +136,14 @@ def staged(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if t.device.type == "cpu" and torch.device(device).type == "cuda" and not t.is_pinned():
         return t.pin_memory()
     return t
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device` through a non-blocking copy (from pinned memory, see `staged`)."""
+    return staged(t, device).to(device, non_blocking=True)
+
+
+# ----- weights-only unpickling: tensors and plain data only; named stand-ins for known harmless classes
 
 
 def load_weights_only(path: str | os.PathLike, stand_ins: list | tuple = (), mmap: bool = False) -> object:
@@ -163,6 +172,40 @@ def sniff_weights_file(path: str | os.PathLike) -> str | None:
     if head.startswith(b"\x89PNG"):
         return "a PNG image; embeddings hidden in images are not supported, use the .pt/.safetensors file"
     return None
+
+
+def read_pickled_weights(
+    path: Path,
+    stand_ins: list | tuple,
+    error: type[Exception],
+    kind: str,
+    refusal: str,
+    retry: str,
+    mmap: bool = False,
+) -> object:
+    """`load_weights_only` with one clear `error` per failure, for a file of `kind` ('PyTorch checkpoint'):
+    a refused class ('refused to load <path>: it holds a pickled callable or object (name) that <refusal>'),
+    bytes that are no pickle at all, or a damaged file (both end with the advice `retry`)."""
+    try:
+        return load_weights_only(path, stand_ins, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        what = refused_global(e)
+        if not what:  # no refused class: the bytes are no pickle at all (torch: "Unsupported operand")
+            raise error(f"cannot read {path}: it is not a {kind} (no pickle inside). {retry}") from None
+        raise error(f"refused to load {path}: it holds a pickled callable or object{what} that {refusal}") from e
+    except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
+        raise error(
+            f"cannot read {path}: the file is truncated or not a {kind} ({type(e).__name__}: {e}). {retry}"
+        ) from e
+
+
+def is_safetensors_file(path: Path, error: type[Exception]) -> bool:
+    """True when the bytes are safetensors, whatever the file name; `error` for a file that is recognisably no
+    weights at all (a Git LFS pointer, a web page, an image)."""
+    kind = sniff_weights_file(path)
+    if kind not in (None, "safetensors"):
+        raise error(f"cannot read {path}: it is {kind}.")
+    return kind == "safetensors"
 
 
 def refused_global(error: Exception) -> str:

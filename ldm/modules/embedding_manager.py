@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from ldm.util import atomic_save, load_weights_only, refused_global, sniff_weights_file
+from ldm.util import atomic_save, is_safetensors_file, read_pickled_weights
 
 DEFAULT_PLACEHOLDER = "alz"
 FORMAT_NAME = "apl-embedding"  # `format` metadata of our .safetensors files
@@ -111,25 +110,15 @@ def _vectors(value, name: str, path: Path) -> torch.Tensor:
 
 
 def _read_pickle(path: Path) -> object:
-    try:
-        return load_weights_only(path, _SAFE_STAND_INS)
-    except pickle.UnpicklingError as e:
-        what = refused_global(e)
-        if not what:  # no refused class: the bytes are no pickle at all (torch: "Unsupported operand")
-            raise EmbeddingFileError(
-                f"cannot read {path}: it is not a PyTorch embedding file (no pickle inside). Copy or download it "
-                "again."
-            ) from None
-        raise EmbeddingFileError(
-            f"refused to load {path}: it holds a pickled callable or object{what} that could run code when "
-            "unpickled; APL reads only tensors and plain data from embedding files. If you trust its source, "
-            "re-save it as .safetensors elsewhere."
-        ) from e
-    except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, KeyError, ...)
-        raise EmbeddingFileError(
-            f"cannot read {path}: the file is truncated or not a PyTorch embedding file ({type(e).__name__}: {e}). "
-            "Copy or download it again."
-        ) from e
+    return read_pickled_weights(
+        path,
+        _SAFE_STAND_INS,
+        EmbeddingFileError,
+        kind="PyTorch embedding file",
+        refusal="could run code when unpickled; APL reads only tensors and plain data from embedding files. If you "
+        "trust its source, re-save it as .safetensors elsewhere.",
+        retry="Copy or download it again.",
+    )
 
 
 _MODEL_KEY_PREFIXES = ("model.", "first_stage_model.", "cond_stage_model.", "model_ema.", "state_dict")
@@ -197,10 +186,8 @@ def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, int], dict[s
     """
     path = Path(path)
     _check_file(path)
-    kind = sniff_weights_file(path)
-    if kind not in (None, "safetensors"):
-        raise EmbeddingFileError(f"cannot read {path}: it is {kind}.")
-    if path.suffix.lower() == ".safetensors" or kind == "safetensors":
+    safetensors_bytes = is_safetensors_file(path, EmbeddingFileError)  # under a .pt name too
+    if path.suffix.lower() == ".safetensors" or safetensors_bytes:
         return _read_safetensors(path)
     obj = _read_pickle(path)
     if not isinstance(obj, Mapping) or not obj:
