@@ -20,7 +20,7 @@ from apl.images import SkipReport
 from apl.latent_cache import LatentCache
 from apl.people import general_prompts, load_people, load_templates, sample_identity_prompts
 from apl.runtime import UsageError, shipped_file
-from ldm.util import staged
+from ldm.util import to_device
 
 
 @dataclass
@@ -116,7 +116,7 @@ def clean_latents(
     first = data.face_latents if data.face_latents is not None else data.general_latents
     device = first.device
     out = torch.empty((len(plan), *vae_noise.shape[1:]), device=device)
-    vae_noise = staged(vae_noise, device).to(device, non_blocking=True)
+    vae_noise = to_device(vae_noise, device)
     for kind, latents, moments in (
         ("id", data.face_latents, True),
         ("general", data.general_latents, data.general_is_moments),
@@ -124,9 +124,8 @@ def clean_latents(
         rows = [i for i, p in enumerate(plan) if p.kind == kind]
         if not rows:
             continue
-        rows_t = staged(torch.tensor(rows), device).to(device, non_blocking=True)
-        picks = staged(torch.tensor([plan[i].index for i in rows]), device).to(device, non_blocking=True)
-        lat = latents.index_select(0, picks)
+        rows_t = to_device(torch.tensor(rows), device)
+        lat = latents.index_select(0, to_device(torch.tensor([plan[i].index for i in rows]), device))
         if moments:
             mean, logvar = lat.float().chunk(2, dim=1)
             out[rows_t] = scale_factor * (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * vae_noise[rows_t])

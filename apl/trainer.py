@@ -372,15 +372,16 @@ def train(cfg: TrainConfig) -> Path:
                 if scaler is None:
                     opt.step()
                 else:  # fp16: GradScaler reads its overflow flag on the host, one sync per step
-                    scale = scaler.get_scale()
+                    old_scale = scaler.get_scale()
                     scaler.step(opt)
                     scaler.update()
-                    skipped += scaler.get_scale() < scale
+                    scale = scaler.get_scale()
+                    skipped += scale < old_scale
                 completed = step + 1
                 window.append((step, plan, t_all, all_loss, finite, before))
-                if scaler is not None and scaler.get_scale() < 1.0:
+                if scaler is not None and scale < 1.0:
                     raise NonFiniteLoss(
-                        f"fp16 gradients overflowed at every loss scale down to {scaler.get_scale():g} "
+                        f"fp16 gradients overflowed at every loss scale down to {scale:g} "
                         f"(step {completed}, {skipped} steps skipped)",
                         last_good,
                         last_good_step,

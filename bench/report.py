@@ -61,8 +61,8 @@ def compute_ratios(res: dict) -> dict:
     return out
 
 
-def _best(res: dict, batch: str, key: str, ratio: str | None = None, lower: bool = False) -> tuple:
-    """(value, variant) of our best variant at `batch`: a record field, or with `ratio` the '<variant>/<ratio>'."""
+def _best(res: dict, batch: str, key: str | None = None, ratio: str | None = None, lower: bool = False) -> tuple:
+    """(value, variant) of our best variant at `batch`: the record's `key`, or the ratio '<variant>/<ratio>'."""
     found = []
     for name in our_variants(res):
         if ratio is None:
@@ -85,8 +85,8 @@ def check_targets(res: dict) -> dict:
     big = str(max((int(b) for n in our_variants(res) for b in train[n]), default=0))
     rows = [
         (f"train samples/s at batch {big}", *_best(res, big, "samples_per_s"), ">=", 200.0),
-        (f"train vs diffusers_bf16 at batch {big}", *_best(res, big, "", "diffusers_bf16"), ">=", 2.0),
-        (f"train vs original_style at batch {big}", *_best(res, big, "", "original_style"), ">=", 35.0),
+        (f"train vs diffusers_bf16 at batch {big}", *_best(res, big, ratio="diffusers_bf16"), ">=", 2.0),
+        (f"train vs original_style at batch {big}", *_best(res, big, ratio="original_style"), ">=", 35.0),
         ("batch-1 step ms", *_best(res, "1", "step_ms", lower=True), "<=", 25.0),
         ("batch-1 peak GiB", *_best(res, "1", "peak_gib", lower=True), "<=", 6.0),
         ("sampling images/s", _val(res, "sampling", "ours", "images_per_s"), "ours", ">=", 5.0),

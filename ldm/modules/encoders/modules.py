@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.util import staged
+from ldm.util import to_device
 
 # (input_ids (B, 77), token_embeds (B, 77, D)) -> token_embeds (B, 77, D)
 EmbeddingHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -163,8 +163,7 @@ class FrozenCLIPEmbedder(nn.Module):
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Prompts -> token ids (B, 77) on this module's device."""
         device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        # Pinned first (on a GPU): a copy from pageable memory would make the host wait for the GPU queue.
-        return staged(self.tokenizer(text), device).to(device, non_blocking=True)
+        return to_device(self.tokenizer(text), device)  # pinned first on a GPU: no wait for the GPU queue
 
     def forward(
         self, text: str | Sequence[str] | torch.Tensor, embedding_manager: EmbeddingHook | None = None
