@@ -58,10 +58,10 @@ class StaticStep:
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         device = model.device
-        if graph and device.type != "cuda":
-            raise ValueError(f"a CUDA graph needs a CUDA device; the model is on {device}")
         if graph and warmup < 1:  # lazy state (cuBLAS handles, the loss scale tensor) must exist before capture
             raise ValueError(f"a CUDA graph needs warmup >= 1 eager runs before capture; got {warmup}")
+        if graph and device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a CUDA device; the model is on {device}")
         self.model, self.em, self.g = model, em, negative_guidance
         self.params = list(em.embedding_parameters())
         self.use_graph, self.warmup, self.scaler = graph, warmup, scaler

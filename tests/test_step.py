@@ -114,6 +114,8 @@ def test_load_checks_shapes(tiny_model):
 def test_graph_needs_cuda(tiny_model):
     with pytest.raises(ValueError, match="CUDA graph needs a CUDA device"):
         StaticStep(tiny_model, _em(tiny_model), 2, (tiny_model.channels, 8, 8), graph=True)
+    with pytest.raises(ValueError, match="warmup >= 1 eager runs before capture; got 0"):
+        StaticStep(tiny_model, _em(tiny_model), 2, (tiny_model.channels, 8, 8), graph=True, warmup=0)
 
 
 # GPU kernels are not bit-deterministic (flash-attention backward and some cuDNN backward kernels add atomically),
