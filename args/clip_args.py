@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from apl.eval.id_metrics import DEFAULT_ID_THRESHOLDS
 from apl.eval.quality import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, INCEPTION_ENV, INCEPTION_FILE
+from apl.plugins import is_plugin_spec
 
 # Flag groups a script can ask for; build_parser() without `groups` adds the first six (the original set).
 GROUPS = ("model", "prefix", "generation", "quality", "identity", "id_metric", "people", "ground_truth")
@@ -37,6 +38,24 @@ def _unit_float(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
     return value
+
+
+def _face_backend(text: str) -> str:
+    """argparse type: a built-in face backend or a plug-in 'package.module:Class' (imported later, when used)."""
+    if text in ("insightface", "dlib") or is_plugin_spec(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice {text!r}: choose insightface or dlib, or name a plug-in as 'package.module:Class'"
+    )
+
+
+def _fid_feature(text: str) -> str:
+    """argparse type: 'inception' or a plug-in 'package.module:factory' returning a feature nn.Module."""
+    if text == "inception" or is_plugin_spec(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice {text!r}: use inception, or name a plug-in as 'package.module:factory'"
+    )
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -120,6 +139,14 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
         "--fid_ref", default=None, help="Folder of real reference images for FID (e.g. COCO person photos)."
     )
     g.add_argument(
+        "--fid_feature",
+        type=_fid_feature,
+        default="inception",
+        help="FID features: inception (the standard 2048-d pool features; needs --inception_weights) or a plug-in "
+        "'package.module:factory' that returns an nn.Module mapping uint8 images (B, 3, H, W) to features (B, D), "
+        "e.g. toyworld.perception:toy_fid_features.",
+    )
+    g.add_argument(
         "--inception_weights",
         default=None,
         help=f"Path to the FID Inception weights {INCEPTION_FILE}; if unset, ${INCEPTION_ENV} is used.",
@@ -130,9 +157,10 @@ def _add_identity(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("face identity")
     g.add_argument(
         "--face_backend",
-        choices=("insightface", "dlib"),
+        type=_face_backend,
         default="insightface",
-        help="Face detector + recogniser: InsightFace (ArcFace, as in the original) or dlib.",
+        help="Face detector + recogniser: insightface (ArcFace, as in the original), dlib, or a plug-in named "
+        "'package.module:Class' (e.g. toyworld.perception:ToyFaceBackend, the toy world's recogniser).",
     )
     g.add_argument(
         "--insightface_pack",

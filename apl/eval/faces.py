@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from apl.eval.images import ImageReadError, load_image_rgb
+from apl.plugins import PluginError, call_with_accepted, is_plugin_spec, load_plugin
 
 __all__ = [
     "DlibBackend",
@@ -283,11 +284,24 @@ class DlibBackend:
 
 
 def make_backend(name: str, **kw) -> FaceBackend:
-    """Build a face backend by name ('insightface' or 'dlib'); keyword arguments set to None are dropped."""
+    """Build a face backend by name ('insightface' or 'dlib'); keyword arguments set to None are dropped.
+
+    A plug-in backend is named 'package.module:Class' (see apl.plugins): it is built with the keyword arguments its
+    signature accepts (e.g. det_thresh, device) and must provide `name`, `embedding_dim`, `faces` and `embed`; it may
+    set `default_id_threshold` for its own embedding space."""
     kw = {k: v for k, v in kw.items() if v is not None}
+    if is_plugin_spec(name):
+        backend = call_with_accepted(load_plugin(name, "--face_backend"), **kw)
+        missing = [a for a in ("name", "embedding_dim", "faces", "embed") if not hasattr(backend, a)]
+        if missing:
+            raise PluginError(f"--face_backend {name!r} is not a face backend: it lacks {', '.join(missing)}")
+        return backend
     classes = {"insightface": InsightFaceBackend, "dlib": DlibBackend}
     if name not in classes:
-        raise ValueError(f"Unknown face backend '{name}'; choose one of {', '.join(BACKENDS)}.")
+        raise ValueError(
+            f"Unknown face backend '{name}'; choose one of {', '.join(BACKENDS)}, or name a plug-in as "
+            "'package.module:Class'."
+        )
     try:
         return classes[name](**kw)
     except TypeError as err:

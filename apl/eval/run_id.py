@@ -72,7 +72,15 @@ def backend_from_args(args: argparse.Namespace) -> FaceBackend:
             det_size=args.det_size,
             device=args.device,  # 'auto' picks onnxruntime's CUDA provider when it has one
         )
-    return make_backend(args.face_backend, device="cpu" if args.device == "auto" else args.device)
+    if args.face_backend == "dlib":
+        return make_backend("dlib", device="cpu" if args.device == "auto" else args.device)
+    return make_backend(args.face_backend, det_thresh=args.det_thresh, device=args.device)  # a plug-in
+
+
+def backend_threshold(backend: FaceBackend) -> float:
+    """The backend's own default ID threshold (plug-ins may set `default_id_threshold`), else the built-in one."""
+    own = getattr(backend, "default_id_threshold", None)
+    return float(own) if own is not None else default_id_threshold(backend.name)
 
 
 @dataclass
@@ -309,7 +317,7 @@ def run_test_id(args: argparse.Namespace) -> dict:
     outdir = Path(args.outdir)
     # Face models and ground truth first: a missing pack or bad .npy must fail before any image is generated.
     backend = backend_from_args(args)
-    threshold = args.id_threshold if args.id_threshold is not None else default_id_threshold(backend.name)
+    threshold = args.id_threshold if args.id_threshold is not None else backend_threshold(backend)
     gt, gt_info = load_gt(args, backend)
     if not gt:
         raise ValueError(f"no identity has a ground-truth embedding ({gt_info})")
