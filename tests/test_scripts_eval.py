@@ -286,6 +286,33 @@ def test_fid_clip_score_end_to_end(tmp_path, capsys, embedding, clip_weights, ti
                                                           rel=1e-4)
     assert summary["fid"]["ref_vs_with"] > summary["fid"]["without_vs_with"]
     assert summary["fid_antialias"] is True and tiny_fid == [True]  # torchmetrics' default, recorded
+    # The paired distance: |with - without| of the same seed, per pixel in [0, 1], recomputed from the PNGs.
+    mae = [np.abs(np.asarray(images["with"][i], np.float32) - np.asarray(images["without"][i], np.float32)).mean()
+           / 255 for i in range(3)]
+    assert [float(by[("with", i, 0)]["pair_pixel_mae"]) for i in range(3)] == pytest.approx(mae, abs=1e-6)
+    assert summary["paired"]["n"] == 3 and summary["paired"]["pixel_mae_mean"] == pytest.approx(np.mean(mae))
+    assert summary["paired"]["pixel_mae_mean"] > 0  # the strong random prefix does move the tiny model's images
+    assert "mean absolute pixel difference" in stdout
+
+
+def test_fid_feature_plugin_is_used(tmp_path, capsys, embedding):
+    """--fid_feature package.module:factory: FID on the plug-in's features (no Inception weights needed)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A man.\nA woman.\nA dog.\n")
+    out = tmp_path / "q"
+    argv = [*TINY, "--embedding", embedding, "--prompts_file", prompts, "--n_samples", 1, "--skip_clip",
+            "--fid_feature", "eval_stand_ins:TinyFeatures", "--outdir", out]
+    rc, stdout, err = _run(test_fid_clip_score.main, argv, capsys)
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fid_feature"] == "eval_stand_ins:TinyFeatures" and "FID features: eval_stand_ins" in stdout
+    rows = list(csv.DictReader((out / "clip_scores.csv").open()))
+    images = {m: [Image.open(out / r["file"]).convert("RGB") for r in rows if r["mode"] == m] for m in ("with",
+                                                                                                     "without")}
+    expected = fid_between(build_fid(TinyFeatures()), images["without"], images["with"])
+    assert summary["fid"]["without_vs_with"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    rc, _, err = _run(test_fid_clip_score.main, [*argv[:-1], tmp_path / "q2", "--fid_feature", "nope_mod:f"], capsys)
+    assert rc == 2 and "--fid_feature 'nope_mod:f': cannot import nope_mod" in err
 
 
 def test_fid_antialias_flag_is_passed_on_and_recorded(tmp_path, capsys, tiny_fid):

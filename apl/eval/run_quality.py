@@ -12,6 +12,7 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -38,6 +39,7 @@ from apl.eval.quality import (
 )
 from apl.io import atomic_write_text
 from apl.people import load_indexed_prompts, load_prompts
+from apl.plugins import call_with_accepted, load_plugin
 from apl.runtime import UsageError, pick_device
 
 DEFAULT_PROMPTS = "prompts_person.txt"  # ships with the repository: everyday captions of people
@@ -105,7 +107,12 @@ def run_quality(args: argparse.Namespace, fid_feature: str | torch.nn.Module = "
                          f"{args.n_samples} gives fewer (raise --n_samples or pass --skip_fid)")
     antialias = getattr(args, "fid_antialias", None)
     antialias = fid_antialias_default() if antialias is None else bool(antialias)
+    if fid_feature == "inception" and getattr(args, "fid_feature", "inception") != "inception":
+        fid_feature = call_with_accepted(load_plugin(args.fid_feature, "--fid_feature"), device=device)
+        if not isinstance(fid_feature, torch.nn.Module):
+            raise UsageError(f"--fid_feature {args.fid_feature}: the factory must return a torch.nn.Module")
     fid = build_fid(fid_feature, args.inception_weights, device=device, antialias=antialias) if want_fid else None
+    summary["fid_feature"] = getattr(args, "fid_feature", "inception") if want_fid else None
     summary["fid_antialias"] = antialias if want_fid else None  # FIDs with different resizing are not comparable
     ref: list[Image.Image] = []
     if want_fid and args.fid_ref:
@@ -140,25 +147,52 @@ def run_quality(args: argparse.Namespace, fid_feature: str | torch.nn.Module = "
             summary["fid"]["without_vs_with"] = fid_between(fid, images["without"], images["with"],
                                                             batch_size=args.batch_size)
 
-    _write_csv(plans, cosines, outdir / "clip_scores.csv", outdir)
+    pair_mae: list[float] = []
+    if len(modes) == 2:  # image k of prompt i has the same seed in both modes: how much did the prefix change it?
+        pair_mae = [pixel_mae(a, b) for a, b in zip(images["with"], images["without"], strict=True)]
+        summary["paired"] = paired_summary(pair_mae)
+    _write_csv(plans, cosines, pair_mae, outdir / "clip_scores.csv", outdir)
     write_summary_json(summary, outdir / "summary.json")
     return summary
 
 
-def _write_csv(plans: dict, cosines: dict[str, list[float]], path: Path, outdir: Path) -> None:
+def pixel_mae(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute difference of two same-size RGB images, in [0, 1] (0 = identical pixels)."""
+    x = np.asarray(a.convert("RGB"), dtype=np.float32)
+    y = np.asarray(b.convert("RGB"), dtype=np.float32)
+    if x.shape != y.shape:
+        raise ValueError(f"paired images differ in size: {x.shape} vs {y.shape}")
+    return float(np.abs(x - y).mean() / 255.0)
+
+
+def paired_summary(values: list[float]) -> dict:
+    """Mean, median and 90th percentile of the per-pair pixel differences."""
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        "pixel_mae_mean": float(v.mean()),
+        "pixel_mae_median": float(np.median(v)),
+        "pixel_mae_p90": float(np.quantile(v, 0.9)),
+        "n": int(v.size),
+    }
+
+
+def _write_csv(plans: dict, cosines: dict[str, list[float]], pair_mae: list[float], path: Path, outdir: Path) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["mode", "prompt_index", "sample", "seed", "file", "prompt", "clip_text", "clip_cosine"])
+    w.writerow(
+        ["mode", "prompt_index", "sample", "seed", "file", "prompt", "clip_text", "clip_cosine", "pair_pixel_mae"]
+    )
     for mode, rows in plans.items():
         for j, (job, i, k, clean) in enumerate(rows):
             cos = f"{cosines[mode][j]:.6f}" if mode in cosines else ""
-            w.writerow([mode, i, k, job.seed, job.path.relative_to(outdir).as_posix(), job.prompt, clean, cos])
+            mae = f"{pair_mae[j]:.6f}" if pair_mae else ""
+            w.writerow([mode, i, k, job.seed, job.path.relative_to(outdir).as_posix(), job.prompt, clean, cos, mae])
     atomic_write_text(buf.getvalue(), path)
 
 
 def _settings(args: argparse.Namespace) -> dict:
     keys = ("ckpt_path", "config_path", "embedding", "mode", "n_samples", "steps", "scale", "seed",
-            "negative_prompt", "clip_model", "clip_pretrained", "fid_ref", "fid_antialias")
+            "negative_prompt", "clip_model", "clip_pretrained", "fid_ref", "fid_feature", "fid_antialias")
     return {k: getattr(args, k, None) for k in keys}
 
 
@@ -172,8 +206,14 @@ def format_summary(summary: dict) -> str:
                          f"n={c['n']})")
     for key, value in summary["fid"].items():
         lines.append(f"FID {key}: {value:.4f}")
-    if summary["fid"]:
+    paired = summary.get("paired")
+    if paired:
+        lines.append(f"with vs without, same seed: mean absolute pixel difference {paired['pixel_mae_mean']:.4f} "
+                     f"(median {paired['pixel_mae_median']:.4f}, n={paired['n']})")
+    if summary["fid"] and summary.get("fid_feature", "inception") == "inception":
         lines.append(f"FID resize to 299x299 with antialias={summary.get('fid_antialias')}")
+    elif summary["fid"]:
+        lines.append(f"FID features: {summary['fid_feature']}")
     ref = summary.get("fid_ref")
     if ref and ref["unreadable"]:
         lines.append(f"{ref['unreadable']} unreadable reference images skipped")
