@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from apl.images import SkipReport, load_rgb
 from apl.io import atomic_save, atomic_write_text
@@ -187,6 +188,15 @@ def test_atomic_save_keeps_suffix_and_replaces(tmp_path):
     assert seen[0].parent == target.parent and seen[0].suffix == ".png" and seen[0] != target
     atomic_write_text("v2", target)
     assert target.read_text() == "v2" and sorted(p.name for p in target.parent.iterdir()) == ["plot.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_atomic_save_gives_safetensors_files_ordinary_permissions(tmp_path):
+    """safetensors' save_file creates its file with mode 0600; a saved prefix must be readable like any new file."""
+    target = tmp_path / "alz.safetensors"
+    atomic_save(lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)), target)
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
