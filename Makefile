@@ -24,9 +24,9 @@ demo: $(STAMP)
 	$(PY) dataset_generation.py $(TOY) $(TOY_PEOPLE) --templates_file toyworld/data/toy_templates.txt \
 		--n_samples 12 --negative_prompt "" --outdir $(DEMO)/faces
 	$(PY) train.py $(TOY) $(TOY_PEOPLE) --templates_file toyworld/data/toy_templates.txt \
-		--prompts_file toyworld/data/toy_prompts.txt --max_general 100 --face_dir $(DEMO)/faces --image_size 64 \
-		--ddim_steps 20 --iterations 200 --batch_size 16 --lr 3e-2 --save_every 100 --log_every 10 --outdir $(DEMO)
-	$(PY) test_id.py $(TOY) $(TOY_PEOPLE) --embedding $(DEMO)/embeddings/APL-200.pt --mode both \
+		--prompts_file toyworld/data/toy_prompts.txt --face_dir $(DEMO)/faces --image_size 64 \
+		--ddim_steps 20 --iterations 300 --batch_size 16 --lr 3e-2 --save_every 100 --log_every 10 --outdir $(DEMO)
+	$(PY) test_id.py $(TOY) $(TOY_PEOPLE) --embedding $(DEMO)/embeddings/APL-300.pt --mode both \
 		--face_backend toyworld.perception:ToyFaceBackend --gt_folder $(DEMO)/references --n_samples 4 \
 		--negative_prompt "" --outdir $(DEMO)/test_id
 	$(PY) -m toyworld.grid $(DEMO)/test_id --out $(DEMO)/grid.png
