@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) dataset_generation.py $(TOY) $(TOY_PEOPLE) --templates_file toyworld/data/toy_templates.txt \
 		--n_samples 12 --negative_prompt "" --outdir $(DEMO)/faces
 	$(PY) train.py $(TOY) $(TOY_PEOPLE) --templates_file toyworld/data/toy_templates.txt \
-		--prompts_file toyworld/data/toy_prompts.txt --face_dir $(DEMO)/faces --image_size 64 \
+		--prompts_file toyworld/data/toy_prompts.txt --face_dir $(DEMO)/faces --image_size 64 --start_guidance 7 \
 		--ddim_steps 20 --iterations 300 --batch_size 16 --lr 3e-2 --save_every 100 --log_every 10 --outdir $(DEMO)
 	$(PY) test_id.py $(TOY) $(TOY_PEOPLE) --embedding $(DEMO)/embeddings/APL-300.pt --mode both \
 		--face_backend toyworld.perception:ToyFaceBackend --gt_folder $(DEMO)/references --n_samples 4 \
