@@ -43,7 +43,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The README's toy-world table, curve and grid (about 25 minutes on 2 CPU cores).
+# The README's toy-world table, curve and grid (about 12 minutes on 2 CPU cores).
 toy-experiment: $(STAMP)
 	$(PY) -m toyworld.experiment --outdir outputs/toy --docs docs
 

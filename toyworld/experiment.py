@@ -1,6 +1,6 @@
 """The toy-world experiment: run APL's real scripts on the toy model and measure what the prefix does.
 
-    python -m toyworld.experiment --outdir outputs/toy          # ~25 min on 2 CPU cores; tables in outputs/toy/
+    python -m toyworld.experiment --outdir outputs/toy          # ~12 min on 2 CPU cores; tables in outputs/toy/
     python -m toyworld.experiment --outdir outputs/toy --docs docs   # also write the README's pictures
 
 Every number comes from the project's own scripts, run as a user runs them (subprocesses, logs in <outdir>/logs):
