@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import secrets
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -104,19 +105,6 @@ def _new_tmp_path(path: Path) -> Path:
     raise OSError(f"could not create a temporary file next to {path}: 100 random names were all taken")
 
 
-def _process_umask() -> int:
-    """The process umask (Linux: read from /proc, so that no other thread sees a changed mask)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]) -> None:
     """Call `obj_writer(tmp)` on a temporary file in `path`'s folder, fsync it, then rename it onto `path`.
 
@@ -127,10 +115,11 @@ def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_tmp_path(path)
     try:
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives an ordinary new file
         obj_writer(tmp)
         # Some writers replace the file with their own (safetensors' save_file creates it with mode 0600): give it
-        # the permissions any ordinary new file gets, so a saved prefix or checkpoint is readable like the rest.
-        os.chmod(tmp, 0o666 & ~_process_umask())
+        # back the ordinary mode, so a saved prefix or checkpoint is readable like the rest.
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
