@@ -3,8 +3,8 @@
     python -m toyworld.attributes --image_folder outputs/toy/test_id/base/images/with \
         --people_file toyworld/data/toy_people.tsv
 
-For every `<Name>-<k>.png` in the folder, the toy recogniser reads gender (hair style), skin, hair colour, eye
-colour, glasses and beard from the pixels, and each is compared with the person's description in the people file.
+For every `<Name>-<k>.png` in the folder, the toy recogniser reads gender (hair style), skin, hair colour,
+glasses and beard from the pixels, and each is compared with the person's description in the people file.
 Agreement = the share of (image, attribute) pairs that match, over the images in which a face is found; "all
 attributes" = the share of those images in which every attribute matches. APL aims to keep attributes while
 removing identity, so anonymised faces should agree about as often as the un-anonymised ones do.

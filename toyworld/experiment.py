@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from apl.io import atomic_write_text
 from toyworld.attributes import check_folder
 from toyworld.make_model import CHECKPOINT, CONFIG
 from toyworld.perception import ToyPerception
@@ -104,8 +105,7 @@ def description_prompts(path: Path, template: str = "A close-up portrait of ") -
 
     prompts = {name: compose_identity_prompts(template, name, "", desc)[1]
                for name, desc in load_people(PEOPLE_TSV).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(p + "\n" for p in prompts.values()), encoding="utf-8")
+    atomic_write_text("".join(p + "\n" for p in prompts.values()), path)
     return prompts
 
 
@@ -252,8 +252,8 @@ def experiment(args: argparse.Namespace) -> dict:
         "threshold": read_json(tid / "base" / "summary.json")["threshold"],
         "seconds": r.seconds,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(markdown(results), encoding="utf-8")
+    atomic_write_text(json.dumps(results, indent=1) + "\n", out / "results.json")
+    atomic_write_text(markdown(results), out / "results.md")
     if args.docs:
         write_docs(results, out, Path(args.docs))
     return results

@@ -16,7 +16,6 @@ With --finetune_from, only the UNet trains, on pictures drawn in --style; VAE an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -31,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from apl.io import atomic_write_text
+from apl.latent_cache import file_digest
 from ldm.checkpoint import build_model, load_model, save_checkpoint
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.sampling import make_grid, txt2img
-from ldm.util import atomic_save, load_config
+from ldm.sampling import make_grid, save_image, txt2img
+from ldm.util import load_config
 from toyworld.colour_codec import init_colour_codec
 from toyworld.world import PEOPLE_JSON, load_named_people, training_sample
 
@@ -190,21 +191,13 @@ def init_text_encoder(model: LatentDiffusion) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ the run
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def preview(model: LatentDiffusion, path: Path, scale: float = 5.0) -> None:
     """A grid of the preview prompts (2 seeds each), to look at."""
     prompts = [p for p in PREVIEW_PROMPTS for _ in range(2)]
     images = txt2img(model, prompts, list(range(len(prompts))), batch_size=16, progress=False, steps=20, scale=scale,
                      height=64, width=64)
     grid = make_grid([im.resize((128, 128)) for im in images], nrow=4)
-    atomic_save(lambda tmp: grid.save(tmp, format="PNG"), path)
+    save_image(grid, path)
 
 
 def make(args: argparse.Namespace) -> dict:
@@ -218,7 +211,7 @@ def make(args: argparse.Namespace) -> dict:
     print(f"rendered {len(images)} pictures in {time.perf_counter() - t0:.0f} s: {record['pictures']}")
     if args.finetune_from:
         model = load_model(args.config, args.finetune_from)
-        record["finetuned_from"] = {"file": Path(args.finetune_from).name, "sha256": sha256_file(
+        record["finetuned_from"] = {"file": Path(args.finetune_from).name, "sha256": file_digest(
             Path(args.finetune_from))}
     else:
         torch.manual_seed(args.seed)
@@ -237,18 +230,18 @@ def make(args: argparse.Namespace) -> dict:
     record.update(
         file=out.name,
         bytes=out.stat().st_size,
-        sha256=sha256_file(out),
+        sha256=file_digest(out),
         tensors=len(reloaded.state_dict()),
         style=args.style,
         seconds=round(time.perf_counter() - t0, 1),
         command="python -m toyworld.make_model " + " ".join(sys.argv[1:]) if args.record_argv else None,
         torch=torch.__version__,
         python=platform.python_version(),
-        people_json_sha256=sha256_file(PEOPLE_JSON),
+        people_json_sha256=file_digest(PEOPLE_JSON),
         settings={k: v for k, v in vars(args).items() if k not in ("out", "record_argv")},
     )
     preview(reloaded, out.with_suffix(".preview.png"))
-    (out.with_suffix(".json")).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(json.dumps(record, indent=1) + "\n", out.with_suffix(".json"))
     return record
 
 

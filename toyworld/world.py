@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from apl.io import atomic_write_text
 from apl.people import PREFIXES, compose_identity_prompts
 from toyworld.render import (
     BACKGROUNDS,
@@ -225,29 +226,25 @@ def person_captions(n: int, seed: int) -> list[str]:
 
 def write_data_files(folder: Path = DATA) -> None:
     """(Re)write the toy world's committed text files from WORLD_SEED."""
-    folder.mkdir(parents=True, exist_ok=True)
     people = make_named_people()
-    (folder / PEOPLE_JSON.name).write_text(
-        json.dumps({n: p.to_dict() for n, p in people.items()}, indent=1) + "\n", encoding="utf-8"
-    )
+    atomic_write_text(json.dumps({n: p.to_dict() for n, p in people.items()}, indent=1) + "\n",
+                      folder / PEOPLE_JSON.name)
     head = (
         "# Toy-world people file (same format as people.tsv): invented names, each with the attribute description\n"
         "# APL turns them into. Written by `python -m toyworld.world`; signatures are in people.json.\n"
     )
     rows = "".join(f"{n}\t{p.attributes.describe()}\n" for n, p in people.items())
-    (folder / PEOPLE_TSV.name).write_text(head + rows, encoding="utf-8")
-    (folder / TEMPLATES_TXT.name).write_text(
+    atomic_write_text(head + rows, folder / PEOPLE_TSV.name)
+    atomic_write_text(
         "# Toy-world templates: each names a place, a shirt, or both, and the toy model draws what it names.\n"
         + "".join(t + "\n" for t in TEMPLATES),
-        encoding="utf-8",
+        folder / TEMPLATES_TXT.name,
     )
     train = general_captions(300, WORLD_SEED)
     held_out = general_captions(100, WORLD_SEED + 1, exclude=set(train))
-    (folder / PROMPTS_TXT.name).write_text("".join(f"{i} {c}\n" for i, c in enumerate(train)), encoding="utf-8")
-    (folder / PROMPTS_EVAL_TXT.name).write_text("".join(c + "\n" for c in held_out), encoding="utf-8")
-    (folder / PERSON_PROMPTS_TXT.name).write_text(
-        "".join(c + "\n" for c in person_captions(100, WORLD_SEED)), encoding="utf-8"
-    )
+    atomic_write_text("".join(f"{i} {c}\n" for i, c in enumerate(train)), folder / PROMPTS_TXT.name)
+    atomic_write_text("".join(c + "\n" for c in held_out), folder / PROMPTS_EVAL_TXT.name)
+    atomic_write_text("".join(c + "\n" for c in person_captions(100, WORLD_SEED)), folder / PERSON_PROMPTS_TXT.name)
 
 
 if __name__ == "__main__":
