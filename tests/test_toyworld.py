@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from apl.eval.faces import make_backend
+from apl.latent_cache import file_digest
 from apl.people import load_people, load_templates
 from ldm.checkpoint import load_model, read_state_dict
 from toyworld import world
-from toyworld.make_model import CHECKPOINT, CONFIG, sha256_file
+from toyworld.make_model import CHECKPOINT, CONFIG
 from toyworld.perception import ATTRIBUTE_HEADS, WEIGHTS, ToyPerception
 from toyworld.render import Attributes, random_attributes, random_person, random_scene, render_person, render_scene
 
@@ -97,8 +99,8 @@ def test_templates_draw_what_they_name():
 def test_shipped_toy_checkpoint_is_small_and_loads_strictly():
     record = json.loads(CHECKPOINT.with_suffix(".json").read_text())
     assert CHECKPOINT.stat().st_size <= 5_000_000 and record["bytes"] == CHECKPOINT.stat().st_size
-    assert record["sha256"] == sha256_file(CHECKPOINT)
-    assert record["people_json_sha256"] == sha256_file(world.PEOPLE_JSON)
+    assert record["sha256"] == file_digest(CHECKPOINT)
+    assert record["people_json_sha256"] == file_digest(world.PEOPLE_JSON)
     sd = read_state_dict(CHECKPOINT)
     assert {v.dtype for k, v in sd.items() if k.startswith(("model.", "first_stage", "cond_stage"))} == {
         torch.float16}
@@ -164,7 +166,7 @@ def test_make_model_script_runs_at_reduced_size(tmp_path):
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["pictures"] == {"named": 32, "anonymous": 12, "scene": 6}
-    assert record["sha256"] == sha256_file(out) and out.with_suffix(".preview.png").is_file()
+    assert record["sha256"] == file_digest(out) and out.with_suffix(".preview.png").is_file()
     load_model(CONFIG, out)
 
 
@@ -200,3 +202,24 @@ def test_colour_codec_vae_is_its_cheap_formula():
     with pytest.raises(ValueError, match="2 channels per GroupNorm group"):
         narrow = dict(params["ddconfig"], ch=32)
         init_colour_codec(AutoencoderKL(narrow, params["embed_dim"]))
+
+
+
+def test_grid_shows_each_person_without_and_with(tmp_path, capsys):
+    from toyworld.grid import CELL, LABEL, main
+
+    run = tmp_path / "test_id"
+    for mode in ("without", "with"):
+        (run / "images" / mode).mkdir(parents=True)
+        for name in ("Anya Brandt", "Bruno Castell"):
+            for k in (0, 1, 10):
+                Image.new("RGB", (64, 64), (10 * k, 0, 0)).save(run / "images" / mode / f"{name}-{k}.png")
+    (run / "identity_with.csv").write_text("name,mean\nAnya Brandt,0.25\n")
+    assert main([str(run), "--out", str(tmp_path / "grid.png"), "--per_side", "3"]) == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert grid.shape[0] == 22 + 2 * CELL
+    row = 22 + CELL // 2
+    assert [grid[row, LABEL + c * CELL + CELL // 2, 0] for c in range(3)] == [0, 10, 100]  # k in numeric order
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "g2.png")]) == 2
+    err = capsys.readouterr().err
+    assert "toyworld.grid: error:" in err and "missing" in err and not (tmp_path / "g2.png").exists()

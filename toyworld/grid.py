@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from apl.eval.images import FACE_FILE, clean_name, list_images, load_pil_rgb
+from apl.eval.images import load_pil_rgb
+from apl.eval.run_id import collect_folder
 from ldm.sampling import save_image
 
 CELL = 96
 LABEL = 150
 GAP = 12
-
-
-def _by_name(folder: Path) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    for p in list_images(folder):
-        m = FACE_FILE.match(p.stem)
-        if m:
-            out.setdefault(clean_name(m["name"]), []).append(p)
-    for paths in out.values():
-        paths.sort(key=lambda p: int(FACE_FILE.match(p.stem)["k"]))
-    return out
 
 
 def _means(run: Path, mode: str) -> dict[str, str]:
@@ -44,11 +35,11 @@ def _means(run: Path, mode: str) -> dict[str, str]:
 def make_overview(run: str | Path, per_side: int = 4, names: list[str] | None = None) -> Image.Image:
     """The grid image: rows of per_side images without and per_side with the prefix, per person."""
     run = Path(run)
-    root = run / "images" if (run / "images").is_dir() else run
-    without, with_ = _by_name(root / "without"), _by_name(root / "with")
+    found = collect_folder(run).sets  # test_id's own reading of a run: mode -> name -> images in k order
+    without, with_ = found.get("without", {}), found.get("with", {})
     names = names or sorted(set(without) & set(with_))
     if not names:
-        raise ValueError(f"{root} has no person with images in both without/ and with/")
+        raise ValueError(f"{run} has no person with images in both without/ and with/")
     sim = {"without": _means(run, "without"), "with": _means(run, "with")}
     width = LABEL + 2 * per_side * CELL + GAP
     head = 22
@@ -75,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--per_side", type=int, default=4, help="images per person on each side")
     args = p.parse_args(argv)
-    save_image(make_overview(args.run, args.per_side), args.out)
+    try:
+        grid = make_overview(args.run, args.per_side)
+    except (OSError, ValueError) as e:
+        print(f"toyworld.grid: error: {e}", file=sys.stderr)
+        return 2
+    save_image(grid, args.out)
     print(f"wrote {args.out}")
     return 0
 
