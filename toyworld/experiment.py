@@ -77,26 +77,26 @@ def model_args(ckpt: Path) -> list[str]:
     return ["--config_path", str(CONFIG), "--ckpt_path", str(ckpt)]
 
 
-def random_prefix(ckpt: Path, path: Path, seed: int, num_vectors: int = 10) -> None:
-    """The untrained prefix: the same seeded uniform [0, 1) start train.py uses (step 0 of the trained run)."""
+def _untrained_prefix(ckpt: Path, path: Path, num_vectors: int, **em_kwargs) -> None:
+    """Save an EmbeddingManager's starting vectors for `alz` on the model `ckpt` as a prefix file (step 0)."""
     from ldm.checkpoint import load_model
     from ldm.modules.embedding_manager import EmbeddingManager
 
     model = load_model(CONFIG, ckpt)
-    em = EmbeddingManager(model.cond_stage_model, ["alz"], num_vectors, generator=torch.Generator().manual_seed(seed))
-    em.save(path, step=0, base_model=ckpt.name)
+    EmbeddingManager(model.cond_stage_model, ["alz"], num_vectors, **em_kwargs).save(path, step=0,
+                                                                                    base_model=ckpt.name)
+
+
+def random_prefix(ckpt: Path, path: Path, seed: int, num_vectors: int = 10) -> None:
+    """The untrained prefix: the same seeded uniform [0, 1) start train.py uses (step 0 of the trained run)."""
+    _untrained_prefix(ckpt, path, num_vectors, generator=torch.Generator().manual_seed(seed))
 
 
 def plain_word_prefix(ckpt: Path, path: Path) -> None:
     """A one-vector "prefix" equal to the token embedding of `alz` itself: the same as writing the plain word `alz`.
 
     How far one ordinary extra word moves a general image: the scale against which the trained prefix is judged."""
-    from ldm.checkpoint import load_model
-    from ldm.modules.embedding_manager import EmbeddingManager
-
-    model = load_model(CONFIG, ckpt)
-    em = EmbeddingManager(model.cond_stage_model, ["alz"], 1, initializer_words=["alz"])
-    em.save(path, step=0, base_model=ckpt.name)
+    _untrained_prefix(ckpt, path, 1, initializer_words=["alz"])
 
 
 def description_prompts(path: Path, template: str = "A close-up portrait of ") -> dict[str, str]:
