@@ -162,10 +162,12 @@ def test_toy_backend_through_the_plugin_path(perception):
 def test_make_model_script_runs_at_reduced_size(tmp_path):
     out = tmp_path / "toy.safetensors"
     cmd = [sys.executable, "-m", "toyworld.make_model", "--named", "2", "--anonymous", "12", "--scenes", "6",
-           "--unet_steps", "2", "--batch_size", "4", "--workers", "1", "--threads", "1", "--out", str(out)]
+           "--unet_steps", "2", "--desc_steps", "2", "--desc_named", "1", "--desc_anonymous", "5", "--desc_scenes",
+           "3", "--batch_size", "4", "--workers", "1", "--threads", "1", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["pictures"] == {"named": 32, "anonymous": 12, "scene": 6}
+    assert record["description_stage_pictures"] == {"named": 16, "anonymous": 5, "scene": 3}
     assert record["sha256"] == file_digest(out) and out.with_suffix(".preview.png").is_file()
     load_model(CONFIG, out)
 

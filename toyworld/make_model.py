@@ -2,15 +2,18 @@
 configs/toy/toy-sd.yaml) trained from a seed on rendered toy people and scenes, saved as an SD v1-layout
 .safetensors that loads through the same strict loader as real checkpoints.
 
-    python -m toyworld.make_model                       # ~17 min on 2 CPU cores -> toyworld/assets/toy-sd.safetensors
+    python -m toyworld.make_model                       # ~18 min on 2 CPU cores -> toyworld/assets/toy-sd.safetensors
     python -m toyworld.make_model --finetune_from toyworld/assets/toy-sd.safetensors --style pop \
         --unet_steps 800 --out outputs/toy/toy-sd-pop.safetensors   # the restyled second model (transfer test)
 
 Stages: render pictures with captions -> set the VAE to the fixed colour codec (toyworld/colour_codec.py: latents
 are 8x8 block means; an SD-architecture VAE does not learn in minutes on a CPU) and rescale its latents so that
 0.18215 * z has unit variance, as SD's -> encode the pictures -> train UNet and CLIP text encoder together on
-eps-prediction (SD's noise schedule, 10 % empty captions for classifier-free guidance, EMA weights) -> save fp16.
-With --finetune_from, only the UNet trains, on pictures drawn in --style; VAE and text encoder stay as they were.
+eps-prediction (SD's noise schedule, 10 % empty captions for classifier-free guidance, EMA weights) -> a second,
+shorter stage on a fresh set of pictures that is mostly anonymous people (--desc_*: it teaches the model to draw a
+*description* faithfully, which is the picture APL's prefix learns to imitate; the first stage alone left gender,
+glasses and beard weakly bound to their words) -> save fp16.
+With --finetune_from, only the UNet trains, one stage, on pictures drawn in --style; VAE and text encoder stay.
 """
 
 from __future__ import annotations
@@ -150,6 +153,8 @@ def train_diffusion(
     rng = random.Random(seed)
     bar = tqdm(range(steps), desc="UNet" + (" + text encoder" if train_text else ""))
     recent: list[float] = []
+    ids = text.tokenize(captions)  # tokenized once (the same ids as tokenizing every batch)
+    empty = text.tokenize([""])[0]
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr * _cosine_lr(step, steps, max(1, steps // 25))
@@ -158,9 +163,9 @@ def train_diffusion(
         z0 = model.scale_factor * (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g))
         t = torch.randint(0, model.num_timesteps, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
-        texts = ["" if rng.random() < drop else captions[int(i)] for i in idx]
+        tokens = torch.stack([empty if rng.random() < drop else ids[int(i)] for i in idx])
         with torch.set_grad_enabled(train_text):
-            context = text(texts)
+            context = text(tokens)
         eps = model.apply_model(model.q_sample(z0, t, noise), t, context)
         loss = F.mse_loss(eps, noise)
         opt.zero_grad(set_to_none=True)
@@ -224,6 +229,20 @@ def make(args: argparse.Namespace) -> dict:
     moments = encode_moments(model, images)
     record.update(train_diffusion(model, moments, captions, args.unet_steps, args.batch_size, args.lr, args.seed,
                                   train_text=not args.finetune_from))
+    if not args.finetune_from and args.desc_steps > 0:
+        del images, moments
+        # the second stage starts from the first stage's checkpoint as saved (fp16) and reloaded
+        first = Path(args.out).with_suffix(".stage1.safetensors")
+        save_checkpoint(model, first, dtype=torch.float16)
+        model = load_model(args.config, first)
+        first.unlink()
+        model.requires_grad_(False)
+        images, captions, kinds = render_training_set(args.desc_named, args.desc_anonymous, args.desc_scenes,
+                                                      args.seed + 1, None, args.workers)
+        record["description_stage_pictures"] = {k: kinds.count(k) for k in ("named", "anonymous", "scene")}
+        stage = train_diffusion(model, encode_moments(model, images), captions, args.desc_steps, args.batch_size,
+                                args.desc_lr, args.seed + 1)
+        record["description_stage_loss_last200"] = stage["diffusion_loss_last200"]
     out = Path(args.out)
     save_checkpoint(model, out, dtype=torch.float16)
     reloaded = load_model(args.config, out)  # the strict loader every script uses
@@ -256,9 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anonymous", type=int, default=8000, help="pictures of anonymous people (one each)")
     p.add_argument("--scenes", type=int, default=4000, help="pictures of scenes (no person)")
     p.add_argument("--style", default=None, help="draw every picture on this background style (e.g. pop)")
-    p.add_argument("--unet_steps", type=int, default=5000)
+    p.add_argument("--unet_steps", type=int, default=5000, help="steps of the first stage")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--desc_steps", type=int, default=1200,
+                   help="steps of the description stage (0: none; never with --finetune_from)")
+    p.add_argument("--desc_lr", type=float, default=5e-4)
+    p.add_argument("--desc_named", type=int, default=100, help="description stage: pictures per named person")
+    p.add_argument("--desc_anonymous", type=int, default=8000, help="description stage: anonymous people")
+    p.add_argument("--desc_scenes", type=int, default=1000, help="description stage: scenes")
     p.add_argument("--finetune_from", default=None, help="start from this checkpoint and train only the UNet")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="processes that render pictures")
