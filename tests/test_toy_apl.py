@@ -28,7 +28,7 @@ from toyworld.world import PEOPLE_TSV, PROMPTS_EVAL_TXT, PROMPTS_TXT, TEMPLATES_
 
 MODEL = ["--config_path", str(CONFIG), "--ckpt_path", str(CHECKPOINT)]
 GEN = ["--steps", "20", "--scale", "7", "--negative_prompt", ""]
-ITERATIONS = 200
+ITERATIONS = 300
 # Bounds, with margin around the measured run (README, Toy world): see the closing assertions.
 MIN_ID_DROP = 3.0  # ID accuracy without / with the prefix
 MAX_GENERAL_MAE = 0.15  # mean |with - without| pixel difference (0..1) on held-out general prompts
