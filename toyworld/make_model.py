@@ -2,7 +2,7 @@
 configs/toy/toy-sd.yaml) trained from a seed on rendered toy people and scenes, saved as an SD v1-layout
 .safetensors that loads through the same strict loader as real checkpoints.
 
-    python -m toyworld.make_model                       # ~18 min on 2 CPU cores -> toyworld/assets/toy-sd.safetensors
+    python -m toyworld.make_model                       # ~24 min on 2 CPU cores -> toyworld/assets/toy-sd.safetensors
     python -m toyworld.make_model --finetune_from toyworld/assets/toy-sd.safetensors --style pop \
         --unet_steps 800 --out outputs/toy/toy-sd-pop.safetensors   # the restyled second model (transfer test)
 
