@@ -83,6 +83,11 @@ def render_training_set(
     return np.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]
 
 
+def kind_counts(kinds: list[str]) -> dict[str, int]:
+    """How many pictures of each kind a rendered set holds (for the model record)."""
+    return {k: kinds.count(k) for k in ("named", "anonymous", "scene")}
+
+
 def _to_model(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -196,6 +201,12 @@ def init_text_encoder(model: LatentDiffusion) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ the run
+def save_and_reload(model: LatentDiffusion, config: str, path: Path) -> LatentDiffusion:
+    """Save `model` as an fp16 checkpoint at `path` and load it back with the strict loader every script uses."""
+    save_checkpoint(model, path, dtype=torch.float16)
+    return load_model(config, path)
+
+
 def preview(model: LatentDiffusion, path: Path, scale: float = 5.0) -> None:
     """A grid of the preview prompts (2 seeds each), to look at."""
     prompts = [p for p in PREVIEW_PROMPTS for _ in range(2)]
@@ -212,7 +223,7 @@ def make(args: argparse.Namespace) -> dict:
                     Path(args.config).resolve().is_relative_to(ROOT) else args.config}
     images, captions, kinds = render_training_set(args.named, args.anonymous, args.scenes, args.seed, args.style,
                                                   args.workers)
-    record["pictures"] = {k: kinds.count(k) for k in ("named", "anonymous", "scene")}
+    record["pictures"] = kind_counts(kinds)
     print(f"rendered {len(images)} pictures in {time.perf_counter() - t0:.0f} s: {record['pictures']}")
     if args.finetune_from:
         model = load_model(args.config, args.finetune_from)
@@ -233,19 +244,17 @@ def make(args: argparse.Namespace) -> dict:
         del images, moments
         # the second stage starts from the first stage's checkpoint as saved (fp16) and reloaded
         first = Path(args.out).with_suffix(".stage1.safetensors")
-        save_checkpoint(model, first, dtype=torch.float16)
-        model = load_model(args.config, first)
+        model = save_and_reload(model, args.config, first)
         first.unlink()
         model.requires_grad_(False)
         images, captions, kinds = render_training_set(args.desc_named, args.desc_anonymous, args.desc_scenes,
                                                       args.seed + 1, None, args.workers)
-        record["description_stage_pictures"] = {k: kinds.count(k) for k in ("named", "anonymous", "scene")}
+        record["description_stage_pictures"] = kind_counts(kinds)
         stage = train_diffusion(model, encode_moments(model, images), captions, args.desc_steps, args.batch_size,
                                 args.desc_lr, args.seed + 1)
         record["description_stage_loss_last200"] = stage["diffusion_loss_last200"]
     out = Path(args.out)
-    save_checkpoint(model, out, dtype=torch.float16)
-    reloaded = load_model(args.config, out)  # the strict loader every script uses
+    reloaded = save_and_reload(model, args.config, out)
     record.update(
         file=out.name,
         bytes=out.stat().st_size,
