@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.modules.embedding_manager import EmbeddingFileError, EmbeddingManager, read_embedding_file
+from ldm.modules.embedding_manager import EmbeddingFileError, EmbeddingManager, read_embedding_file, width_family
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
 
@@ -30,9 +30,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output file; with --format pt/safetensors it must end in .pt/.safetensors"
     )
-    p.add_argument("--name", default=None, help="A1111 embedding name (default: the output file name)")
-    p.add_argument("--token", default=None, help="diffusers token (default '<alz>'; must not be a CLIP word)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="name stored in the A1111 file, which diffusers uses as its token when loading it without token= "
+        "(default '<file name in lower case>'; lower case, no spaces, not a CLIP word). A1111, Forge and ComfyUI take "
+        "the prompt word from the file name",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help="diffusers token (default '<alz>'; lower case, no spaces, not a CLIP word: diffusers lower-cases "
+        "prompts, and a token with capitals would use only the first vector)",
+    )
+    p.add_argument(
+        "--base",
+        choices=sorted(BASES),
+        default="sd1",
+        help="model family the export is for: sd1 = SD v1.x (768-d text vectors), sd2 = SD 2.x (1024-d); a prefix "
+        "of another width is refused (the target tools would skip, drop or reject it)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="write the export even when the prefix's width does not fit --base"
+    )
     return p
+
+
+# Export targets and the text width their loaders expect.
+BASES = {"sd1": 768, "sd2": 1024}
+
+
+def check_base(width: int, base: str, force: bool, source: str) -> None:
+    """A prefix is exported only for the model family its width belongs to (unless --force)."""
+    want = BASES[base]
+    if width == want or force:
+        return
+    fits = [b for b, w in BASES.items() if w == width]
+    hint = f"pass --base {fits[0]} if it is for that family" if fits else "it fits none of the export targets"
+    raise ValueError(
+        f"{source} holds {width}-d vectors ({width_family(width)}), but --base {base} models take {want}-d ones "
+        f"({width_family(want)}): A1111/Forge would skip the file, ComfyUI drop it with a warning, diffusers refuse "
+        f"it. {hint}; --force writes it anyway."
+    )
 
 
 def check_out_suffix(out: Path, fmt: str) -> None:
@@ -57,14 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         # Only the tokenizer and the width matter for exporting: a one-layer encoder of that width is enough.
         embedder = FrozenCLIPEmbedder(width=width, layers=1, heads=1)
         em = EmbeddingManager.from_file(embedder, args.embedding)
+        if args.format in ("a1111", "diffusers"):  # other tools' formats; APL's own keep any width
+            check_base(width, args.base, args.force, args.embedding)
         step = int(meta.get("step") or 0)
+        base_model = meta.get("base_model") or None
         if args.format == "a1111":
-            em.export_a1111(out, name=args.name, step=step)
+            em.export_a1111(out, name=args.name, step=step, base_model=base_model)
         elif args.format == "diffusers":
-            em.export_diffusers(out, token=args.token)
+            em.export_diffusers(out, token=args.token, base_model=base_model)
         else:
-            em.save(out, step=step, base_model=meta.get("base_model"))
-        print(f"wrote {out}")
+            em.save(out, step=step, base_model=base_model)
+        print(f"wrote {out}: {em.num_vectors_per_token} vectors, {width}-d ({width_family(width)})")
         return 0
     except (EmbeddingFileError, ValueError, OSError) as e:
         print(f"export_prefix.py: error: {e}", file=sys.stderr)

@@ -6,11 +6,14 @@ file cannot make APL run arbitrary code.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
 import secrets
+import shutil
 import stat
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_TMP_NAME = re.compile(r"^\.(?P<stem>.+)\.[0-9a-f]{12}\.tmp(?P<suffix>\.[^.]*)?$")
+
+
 def _new_tmp_path(path: Path) -> Path:
     """Create an empty, unique temporary file next to `path` that keeps `path`'s suffix."""
     for _ in range(100):
@@ -105,16 +111,49 @@ def _new_tmp_path(path: Path) -> Path:
     raise OSError(f"could not create a temporary file next to {path}: 100 random names were all taken")
 
 
+class SaveError(OSError):
+    """A file could not be written. The message names the file and the cause; the file under that name is as it
+    was before the attempt (atomic_save writes a temporary file and renames it only when it is complete)."""
+
+
+def _save_failure(path: Path, error: BaseException, existed: bool) -> str:
+    """One line for a failed save: which file, why, that the earlier file is intact, and what to do."""
+    if isinstance(error, OSError) and error.strerror:
+        cause = error.strerror
+    else:  # torch.save and others report a full disk as RuntimeError ('unexpected pos ...', 'write failed')
+        text = str(error).splitlines()[0] if str(error) else ""
+        cause = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        free is not None and free < 1 << 20
+    )
+    if full:
+        space = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
+        advice = f"the disk holding {path.parent} is full{space}: free some space or choose another folder"
+    elif isinstance(error, PermissionError):
+        advice = f"check the permissions of {path.parent}, or choose another folder"
+    else:
+        advice = "check the folder and the disk"
+    kept = f"the previous {path.name} is unchanged" if existed else f"no {path.name} was written"
+    return f"could not write {path}: {cause}. {kept}; {advice}, then run again"
+
+
 def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]) -> None:
     """Call `obj_writer(tmp)` on a temporary file in `path`'s folder, fsync it, then rename it onto `path`.
 
-    The parent folder is created if needed. If the writer raises, the temporary file is removed, `path` is left
-    as it was, and the error propagates. Example: `atomic_save(lambda p: torch.save(obj, p), "out/emb.pt")`.
+    The parent folder is created if needed. If anything fails (a full disk, a writer error), the temporary file is
+    removed, `path` is left as it was, and a `SaveError` naming `path` and the cause is raised (KeyboardInterrupt
+    passes through unchanged). Example: `atomic_save(lambda p: torch.save(obj, p), "out/emb.pt")`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_tmp_path(path)
+    existed = path.exists()
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_tmp_path(path)
         mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives an ordinary new file
         obj_writer(tmp)
         # Some writers replace the file with their own (safetensors' save_file creates it with mode 0600): give it
@@ -123,10 +162,42 @@ def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except Exception as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, SaveError):
+            raise
+        raise SaveError(_save_failure(path, e, existed)) from e
+    except BaseException:  # Ctrl-C: no half file, and the interrupt goes on as it is
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str], is_ours: Callable[[str], bool], older_than_s: float = 0.0
+) -> list[Path]:
+    """Delete the temporary files that atomic_save left in `folder` when a process was killed mid-save.
+
+    Only temporaries whose final file name (e.g. `train_state.pt` for `.train_state.<hex>.tmp.pt`) satisfies
+    `is_ours`, and that are older than `older_than_s` seconds, are removed; returns them."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for entry in folder.iterdir():
+        m = _TMP_NAME.match(entry.name)
+        if m is None or not entry.is_file() or not is_ours(m.group("stem") + (m.group("suffix") or "")):
+            continue
+        try:
+            if now - entry.stat().st_mtime >= older_than_s:
+                entry.unlink()
+                removed.append(entry)
+        except FileNotFoundError:  # another process finished or removed it meanwhile
+            continue
+    return removed
 
 
 # ----- host-to-device copies

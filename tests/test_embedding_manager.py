@@ -211,7 +211,7 @@ def test_bad_files(embedder, em, tmp_path):
     with pytest.raises(EmbeddingFileError, match="not found"):
         em.load(tmp_path / "missing.pt")
     original_file(tmp_path / "sd15.pt", torch.rand(N, 768))  # a real SD v1 file into the 32-wide tiny model
-    with pytest.raises(EmbeddingFileError, match=r"sd15\.pt.*768-d but this text encoder is 32-d"):
+    with pytest.raises(EmbeddingFileError, match=r"sd15\.pt.*768-d \(SD v1.x.*text encoder is 32-d"):
         em.load(tmp_path / "sd15.pt")
     original_file(tmp_path / "n4.pt", torch.rand(4, WIDTH))
     with pytest.raises(EmbeddingFileError, match="4 vectors .* num_vectors_per_token=10"):
@@ -264,14 +264,15 @@ def test_a1111_export(embedder, em, tmp_path):
     em.export_a1111(tmp_path / "apl.pt", step=9999)
     data = torch.load(tmp_path / "apl.pt", weights_only=True)
     assert type(data) is dict and set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint",
-                                               "sd_checkpoint_name"}
-    assert data["string_to_token"] == {"*": 265} and data["name"] == "apl" and data["step"] == 9999
+                                               "sd_checkpoint_name", "apl_width", "apl_base_model"}
+    assert data["apl_width"] == str(WIDTH)
+    assert data["string_to_token"] == {"*": 265} and data["name"] == "<apl>" and data["step"] == 9999
     assert data["sd_checkpoint"] is None and data["sd_checkpoint_name"] is None
     assert type(data["string_to_param"]) is dict and set(data["string_to_param"]) == {"*"}
     vec = data["string_to_param"]["*"]
     assert type(vec) is torch.Tensor and vec.shape == (N, WIDTH) and vec.dtype == torch.float32
     assert torch.equal(vec, em.string_to_param_dict["alz"].detach())
-    em.export_a1111(tmp_path / "apl.safetensors", name="anon")
+    em.export_a1111(tmp_path / "apl.safetensors", name="<anon>")
     assert set(load_file(tmp_path / "apl.safetensors")) == {"emb_params"}
     for f in ("apl.pt", "apl.safetensors"):  # both load back into an `alz` manager
         back = EmbeddingManager.from_file(embedder, tmp_path / f)
@@ -307,14 +308,23 @@ def test_diffusers_export_matches_our_encoder(tiny_model, em, tiny_pipeline, tmp
         ours = tiny_model.get_learned_conditioning([f"alz {PORTRAIT}"], embedding_manager=em)
     with pytest.raises(ValueError, match="already in the CLIP vocabulary"):
         em.export_diffusers(tmp_path / "x.safetensors", token="alz")  # diffusers' loader would refuse it
+    # diffusers lower-cases the prompt: '<ALZ>' would match its first vector only; tokens with spaces split.
+    for bad, message in (("<ALZ>", "has capitals.*Use '<alz>'"), ("<a lz>", "without spaces")):
+        with pytest.raises(ValueError, match=message):
+            em.export_diffusers(tmp_path / "x.safetensors", token=bad)
+        with pytest.raises(ValueError, match=message):
+            em.export_a1111(tmp_path / "x.pt", name=bad)
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.pt").exists()
     em.export_diffusers(tmp_path / "alz.safetensors")
     em.export_diffusers(tmp_path / "alz.bin", token="<alz-bin>")
     em.export_a1111(tmp_path / "alz-a1111.pt")
     assert set(load_file(tmp_path / "alz.safetensors")) == {"<alz>"}
     n_words = len(tiny_model.cond_stage_model.tokenizer.encode(PORTRAIT))
     # Each file goes through diffusers' own loader; diffusers expands a token into <t>, <t>_1, ..., <t>_9.
-    for path, token in [("alz.safetensors", "<alz>"), ("alz.bin", "<alz-bin>"), ("alz-a1111.pt", "<a1111>")]:
+    # The A1111 file without token=: diffusers takes the file's name, '<alz-a1111>' (lower case: all N vectors).
+    for path, token in [("alz.safetensors", "<alz>"), ("alz.bin", "<alz-bin>"), ("alz-a1111.pt", None)]:
         pipe.load_textual_inversion(str(tmp_path / path), token=token)
+        token = token or "<alz-a1111>"
         prompt = f"{token} {PORTRAIT}"
         ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer)).input_ids
         assert len(ids) == 1 + N + n_words + 1 and min(ids[1:1 + N]) >= 49408
@@ -363,12 +373,42 @@ def test_pt_files_pass_automatic1111s_loader_checks(em, tmp_path):
 
     em.save(tmp_path / "APL.pt")
     em.export_a1111(tmp_path / "APL-a1111.pt")
-    for path in (tmp_path / "APL.pt", tmp_path / "APL-a1111.pt"):
+    em.export_diffusers(tmp_path / "apl-diffusers.bin")
+    for path in (tmp_path / "APL.pt", tmp_path / "APL-a1111.pt", tmp_path / "apl-diffusers.bin"):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             assert all(re.match(A1111_ZIP_MEMBER, n) for n in names), names
+            # the zip folder is the final file's stem, as torch.save(obj, path) names it; never a temporary name
+            assert {n.split("/")[0] for n in names} == {path.stem}, names
             assert names[0].endswith("/data.pkl")
             assert _pickle_globals(z.read(names[0])) <= A1111_GLOBALS
         _, params, _ = read_embedding_file(path)
         assert torch.equal(next(iter(params.values())), em.string_to_param_dict["alz"].detach())
-        assert torch.load(path, weights_only=False, mmap=True)["string_to_param"] is not None
+        loaded = torch.load(path, weights_only=False, mmap=True)
+        assert loaded.get("string_to_param", loaded.get("<alz>")) is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(float("nan"), "NaN or infinite values"), (float("inf"), "NaN or infinite values"), (1e30, r"values up to 1e\+30")],
+)
+def test_broken_vectors_are_refused_when_read_and_when_written(embedder, em, tmp_path, value, message):
+    """A prefix with NaN/inf or absurd values would draw black images that score as 'anonymous': every file read
+    or written names the entry and the vectors instead."""
+    bad = em.string_to_param_dict["alz"].detach().clone()
+    bad[3, :2] = value
+    save_file({"string_to_param.alz": bad}, tmp_path / "bad.safetensors")
+    torch.save({"<alz>": bad}, tmp_path / "bad.bin")
+    for path in (tmp_path / "bad.safetensors", tmp_path / "bad.bin"):
+        with pytest.raises(EmbeddingFileError, match=rf"{path.name}: entry .*{message}.*vector\(s\) 3 of {N}"):
+            read_embedding_file(path)
+    with torch.no_grad():
+        em.string_to_param_dict["alz"].copy_(bad)
+    writers = [lambda p: em.save(p), lambda p: em.export_a1111(p), lambda p: em.export_diffusers(p)]
+    for write, name in zip(writers, ("out.pt", "out-a1111.safetensors", "out.bin"), strict=True):
+        with pytest.raises(EmbeddingFileError, match=rf"refusing to write .*{name}.*{message}"):
+            write(tmp_path / name)
+        assert not (tmp_path / name).exists()
+    torch.save({"<alz>": bad.to(torch.int8)}, tmp_path / "int.bin")
+    with pytest.raises(EmbeddingFileError, match="not a float tensor"):
+        read_embedding_file(tmp_path / "int.bin")

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from apl.images import SkipReport, load_rgb
 from apl.io import atomic_save, atomic_write_text
+from ldm.util import SaveError, remove_stale_temporaries
 from apl.latent_cache import LatentCache, file_digest
 
 S = 16
@@ -210,6 +211,32 @@ def test_atomic_save_failure_leaves_old_file(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(SaveError, match="disk full") as info:
         atomic_save(failing, target)
+    assert str(target) in str(info.value) and "the previous emb.pt is unchanged" in str(info.value)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["emb.pt"]
+
+
+def test_atomic_save_names_the_file_when_the_disk_is_full(tmp_path):
+    """ENOSPC from a writer (whose own message names no file) becomes one line with the file and the advice."""
+    import errno
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(SaveError) as info:
+        atomic_save(full, tmp_path / "train_state.pt")
+    msg = str(info.value)
+    assert msg.startswith(f"could not write {tmp_path / 'train_state.pt'}: No space left on device")
+    assert "is full" in msg and "no train_state.pt was written" in msg and list(tmp_path.iterdir()) == []
+
+
+def test_remove_stale_temporaries_only_takes_our_old_names(tmp_path):
+    ours = tmp_path / ".train_state.0123456789ab.tmp.pt"
+    other = tmp_path / ".notes.0123456789ab.tmp.txt"
+    plain = tmp_path / "train_state.pt"
+    for p in (ours, other, plain):
+        p.write_text("x")
+    assert remove_stale_temporaries(tmp_path, lambda name: name == "train_state.pt", older_than_s=3600) == []
+    assert remove_stale_temporaries(tmp_path, lambda name: name == "train_state.pt") == [ours]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, plain.name]

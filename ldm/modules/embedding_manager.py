@@ -38,6 +38,52 @@ class EmbeddingFileError(ValueError):
     """An embedding file APL cannot use; the message names the file, what is wrong and what to do."""
 
 
+# Largest |value| a prefix vector may hold. CLIP token embeddings are below 1 in magnitude and trained APL prefixes
+# stay within a few tens; values far beyond that come from a diverged run or a damaged file, and they overflow
+# the text encoder (LayerNorm squares them; fp16 ends at 65504) into NaN or black images.
+MAX_ABS_VALUE = 1e4
+
+# Text widths of the released model families, for messages about a prefix of another width.
+FAMILY_OF_WIDTH = {768: "SD v1.x (CLIP ViT-L/14)", 1024: "SD 2.x (OpenCLIP ViT-H/14)", 1280: "SDXL's second encoder"}
+
+
+def width_family(width: int) -> str:
+    """The model family whose text encoder has this width, for messages ('SD v1.x (CLIP ViT-L/14)')."""
+    return FAMILY_OF_WIDTH.get(int(width), "the width of no released Stable Diffusion model: a test or toy model")
+
+
+def check_vectors(vectors: torch.Tensor, where: str, fix: str) -> None:
+    """Refuse prefix vectors (N, D) that are not floating point, hold NaN/inf, or exceed MAX_ABS_VALUE.
+
+    `where` names the file and entry ("APL-500.pt: entry 'alz'"), `fix` says what to do; the message says which
+    vectors are bad."""
+    if not vectors.is_floating_point():
+        raise EmbeddingFileError(f"{where} is {vectors.dtype}, not floating-point vectors; {fix}")
+    v = vectors.detach().float().reshape(vectors.shape[0] if vectors.ndim > 1 else 1, -1)
+    bad = ~torch.isfinite(v)
+    if bad.any():
+        rows = bad.any(1).nonzero().flatten().tolist()
+        raise EmbeddingFileError(
+            f"{where} holds NaN or infinite values ({int(bad.sum())} of {v.numel()}, in vector(s) "
+            f"{_fmt_rows(rows)} of {v.shape[0]}): the prefix is broken; {fix}"
+        )
+    peak = v.abs().amax(1)
+    if (peak > MAX_ABS_VALUE).any():
+        rows = (peak > MAX_ABS_VALUE).nonzero().flatten().tolist()
+        raise EmbeddingFileError(
+            f"{where} holds values up to {float(peak.max()):.3g} in vector(s) {_fmt_rows(rows)} of {v.shape[0]}, "
+            f"far outside any text embedding (APL accepts |value| <= {MAX_ABS_VALUE:g}; CLIP token embeddings are "
+            f"below 1): the prefix is broken; {fix}"
+        )
+
+
+def _fmt_rows(rows: list[int], n: int = 6) -> str:
+    return ", ".join(map(str, rows[:n])) + (f" ... (+{len(rows) - n})" if len(rows) > n else "")
+
+
+READ_FIX = "use an earlier prefix from the run's embeddings/ folder, or retrain (e.g. with a lower --lr)"
+
+
 class _PickledParameterDict:
     """Inert stand-in for a pickled `torch.nn.ParameterDict`: keeps the module's `_parameters`, imports nothing."""
 
@@ -66,16 +112,23 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
 _PORTABLE_ZIP_MEMBER = re.compile(r"^archive/((data/\d+)|version|(data\.pkl))$")
 
 
-def _torch_save_portable(obj: object, path: str) -> None:
-    """torch.save, keeping only the members every PyTorch and AUTOMATIC1111 reader accepts (data.pkl first)."""
+def _archive_name(final: Path) -> str:
+    """The zip folder torch.save would use for `final` (its stem), limited to characters every reader accepts."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", final.stem).lstrip(".") or "archive"
+
+
+def _torch_save_portable(obj: object, path: str, final: Path) -> None:
+    """torch.save into `path` as it would write `final` (zip folder named after `final`, not after a temporary
+    file), keeping only the members every PyTorch and AUTOMATIC1111 reader accepts (data.pkl first)."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)  # a file object: the archive folder is 'archive', not the temporary file's name
+    torch.save(obj, buffer)  # a file object: the archive folder is 'archive', renamed below
+    root = _archive_name(final)
     with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
         names = [n for n in src.namelist() if _PORTABLE_ZIP_MEMBER.match(n)]
         if "archive/data.pkl" not in names:
             raise RuntimeError(f"internal error: torch.save wrote no archive/data.pkl ({src.namelist()})")
         for name in sorted(names, key=lambda n: n != "archive/data.pkl"):
-            dst.writestr(name, src.read(name))
+            dst.writestr(root + name[len("archive") :], src.read(name))
 
 
 def _check_file(path: Path) -> None:
@@ -104,8 +157,9 @@ def _vectors(value, name: str, path: Path) -> torch.Tensor:
     t = value.detach().cpu()
     if t.ndim == 1:
         t = t.unsqueeze(0)
-    if t.ndim != 2 or t.shape[0] == 0:
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
         raise EmbeddingFileError(f"{path}: entry {name!r} has shape {list(value.shape)}; expected (N, width).")
+    check_vectors(t, f"{path}: entry {name!r}", READ_FIX)
     return t
 
 
@@ -324,13 +378,22 @@ class EmbeddingManager(nn.Module):
 
     # ----- files -----
 
-    def _cpu_vectors(self) -> dict[str, torch.Tensor]:
-        return {s: p.detach().float().cpu().contiguous().clone() for s, p in self.string_to_param_dict.items()}
+    def _cpu_vectors(self, path: Path | None = None) -> dict[str, torch.Tensor]:
+        """The vectors as float32 CPU tensors; with `path` (a file about to be written) they must be sound."""
+        out = {s: p.detach().float().cpu().contiguous().clone() for s, p in self.string_to_param_dict.items()}
+        if path is not None:
+            for s, v in out.items():
+                check_vectors(
+                    v,
+                    f"refusing to write {path}: placeholder {s!r}",
+                    "nothing was written; export an earlier prefix file instead",
+                )
+        return out
 
     def save(self, path: str | os.PathLike, *, step: int | None = None, base_model: str | None = None) -> None:
         """Write the vectors atomically: `.pt` in the original layout, or `.safetensors` with metadata."""
         path = Path(path)
-        vectors = self._cpu_vectors()
+        vectors = self._cpu_vectors(path)
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
             tensors = {f"string_to_param.{s}": v for s, v in vectors.items()}
@@ -354,7 +417,7 @@ class EmbeddingManager(nn.Module):
             }
             if step is not None:
                 data["step"] = int(step)
-            _write_atomically(path, lambda tmp: _torch_save_portable(data, tmp))
+            _write_atomically(path, lambda tmp: _torch_save_portable(data, tmp, path))
         else:
             raise ValueError(
                 f"EmbeddingManager.save: unknown file type {path.name!r}; use .pt (original layout) or .safetensors."
@@ -385,8 +448,9 @@ class EmbeddingManager(nn.Module):
             n, d = params[src].shape
             if d != self.token_dim:
                 raise EmbeddingFileError(
-                    f"{path}: vectors of {src!r} are {d}-d but this text encoder is {self.token_dim}-d (SD v1.x uses "
-                    "768); the file belongs to another model family (SD 2.x: 1024) or the config is wrong."
+                    f"{path}: vectors of {src!r} are {d}-d ({width_family(d)}) but this model's text encoder is "
+                    f"{self.token_dim}-d ({width_family(self.token_dim)}): the prefix was trained for another model "
+                    "family; use it with that model, or pass the matching --config_path/--ckpt_path."
                 )
             if n != self.num_vectors_per_token:
                 raise EmbeddingFileError(
@@ -416,20 +480,31 @@ class EmbeddingManager(nn.Module):
         manager._load_entries(Path(path), tokens, params, meta)
         return manager
 
-    def _only_vectors(self, what: str) -> tuple[str, torch.Tensor]:
+    def _only_vectors(self, what: str, path: Path) -> tuple[str, torch.Tensor]:
         if len(self.string_to_param_dict) != 1:
             raise ValueError(
                 f"{what} files hold one embedding; this manager has "
                 f"{list(self.string_to_param_dict)}. Export a manager with one placeholder."
             )
-        return next(iter(self._cpu_vectors().items()))
+        return next(iter(self._cpu_vectors(path).items()))
 
-    def export_a1111(self, path: str | os.PathLike, name: str | None = None, step: int = 0) -> None:
-        """AUTOMATIC1111 textual-inversion file (`.pt`, or `.safetensors` with `emb_params`); the prompt word is
-        the file name in A1111 (and `name` in diffusers)."""
+    def _export_metadata(self, base_model: str | None) -> dict[str, str]:
+        """What an export records about where its vectors belong (readers that do not know the keys ignore them)."""
+        return {"apl_width": str(self.token_dim), "apl_base_model": base_model or ""}
+
+    def export_a1111(
+        self, path: str | os.PathLike, name: str | None = None, step: int = 0, base_model: str | None = None
+    ) -> None:
+        """AUTOMATIC1111 textual-inversion file (`.pt`, or `.safetensors` with `emb_params`).
+
+        AUTOMATIC1111, Forge and ComfyUI take the prompt word from the file name. diffusers, loading the `.pt`
+        without `token=`, takes `name` as its token; it lower-cases prompts, so the name must be lower case and new
+        to CLIP's vocabulary: the default is `<file name in lower case>`."""
         path = Path(path)
-        _, vectors = self._only_vectors("AUTOMATIC1111")
-        name = name or path.stem
+        default = "<" + re.sub(r"\s+", "_", path.stem.lower()) + ">"
+        name = check_diffusers_token(name or default, self.tokenizer, "--name")
+        _, vectors = self._only_vectors("AUTOMATIC1111", path)
+        meta = self._export_metadata(base_model)
         if path.suffix.lower() == ".pt":
             data = {
                 "string_to_token": {A1111_PLACEHOLDER: A1111_TOKEN_ID},
@@ -438,30 +513,51 @@ class EmbeddingManager(nn.Module):
                 "step": int(step),
                 "sd_checkpoint": None,
                 "sd_checkpoint_name": None,
+                **meta,
             }
-            _write_atomically(path, lambda tmp: _torch_save_portable(data, tmp))
+            _write_atomically(path, lambda tmp: _torch_save_portable(data, tmp, path))
         elif path.suffix.lower() == ".safetensors":
-            meta = {"name": name, "step": str(int(step))}
+            meta |= {"name": name, "step": str(int(step))}
             _write_atomically(path, lambda tmp: save_safetensors({"emb_params": vectors}, tmp, metadata=meta))
         else:
             raise ValueError(f"export_a1111: unknown file type {path.name!r}; use .pt or .safetensors.")
 
-    def export_diffusers(self, path: str | os.PathLike, token: str | None = None) -> None:
+    def export_diffusers(
+        self, path: str | os.PathLike, token: str | None = None, base_model: str | None = None
+    ) -> None:
         """diffusers textual-inversion file {token: (N, D)} (`.safetensors` or `.bin`) for `load_textual_inversion`.
 
         The default token is `<alz>`: diffusers refuses tokens already in the CLIP vocabulary, and `alz` is one
         (the word piece 12936, besides the word token 41128 that APL uses)."""
         path = Path(path)
-        placeholder, vectors = self._only_vectors("diffusers textual-inversion")
-        token = token or f"<{placeholder}>"
-        if token in self.tokenizer.encoder:
-            raise ValueError(
-                f"export_diffusers: {token!r} is already in the CLIP vocabulary, so diffusers' "
-                f"load_textual_inversion would refuse it; use a new token such as '<{placeholder}>'."
-            )
+        placeholder = next(iter(self.string_to_param_dict), DEFAULT_PLACEHOLDER)
+        token = check_diffusers_token(token or f"<{placeholder}>", self.tokenizer, "--token")
+        _, vectors = self._only_vectors("diffusers textual-inversion", path)
         if path.suffix.lower() == ".safetensors":
-            _write_atomically(path, lambda tmp: save_safetensors({token: vectors}, tmp))
-        elif path.suffix.lower() == ".bin":
-            _write_atomically(path, lambda tmp: torch.save({token: vectors}, tmp))
+            meta = self._export_metadata(base_model)
+            _write_atomically(path, lambda tmp: save_safetensors({token: vectors}, tmp, metadata=meta))
+        elif path.suffix.lower() == ".bin":  # one key only: diffusers reads a .bin with one entry as {token: vectors}
+            _write_atomically(path, lambda tmp: _torch_save_portable({token: vectors}, tmp, path))
         else:
             raise ValueError(f"export_diffusers: unknown file type {path.name!r}; use .safetensors or .bin.")
+
+
+def check_diffusers_token(token: str, tokenizer, flag: str) -> str:
+    """A token diffusers' load_textual_inversion uses with all its vectors, or ValueError saying what to pass.
+
+    diffusers adds the token and `<token>_1 ... <token>_{N-1}` to the tokenizer, and the CLIP tokenizer lower-cases
+    every prompt first: a token with capitals no longer matches the lower-cased prompt past its first vector. It
+    also refuses a token that is already a CLIP word, and a token with spaces is split."""
+    if not token or token != token.strip() or any(c.isspace() for c in token):
+        raise ValueError(f"{flag} {token!r}: a token must be one word without spaces, e.g. '<alz>'.")
+    if token != token.lower():
+        raise ValueError(
+            f"{flag} {token!r} has capitals; diffusers lower-cases prompts, so it would use only the first of the "
+            f"prefix's vectors. Use {token.lower()!r}."
+        )
+    if token in tokenizer.encoder or f"{token}</w>" in tokenizer.encoder:
+        raise ValueError(
+            f"{flag} {token!r} is already in the CLIP vocabulary, so diffusers' load_textual_inversion would "
+            f"refuse it; use a new token such as '<{token.strip('<>')}>'."
+        )
+    return token
