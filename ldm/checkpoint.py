@@ -210,6 +210,39 @@ def check_state_dict(
     return {k: v for k, v in sd.items() if k in expected and k not in SCHEDULE_KEYS}
 
 
+def checked_values(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors in `dtype`, after checking that every one is floating point and finite there.
+
+    A key set and shapes can be right while the values are not: an int8/bool tensor (a quantised or damaged file)
+    or NaN/inf values (a diverged fine-tune, a bad conversion) load "strictly" and draw black or garbage images."""
+    not_float = {k: v.dtype for k, v in tensors.items() if not v.is_floating_point()}
+    if not_float:
+        k = sorted(not_float)[0]
+        raise CheckpointError(
+            f"{path}: {len(not_float)} weight tensors are not floating point (e.g. {k}: {not_float[k]}); SD weights "
+            "are fp32/fp16/bf16. The file is quantised or damaged: use an unquantised .ckpt/.safetensors copy."
+        )
+    out, broken, overflow = {}, [], []
+    for k, v in tensors.items():
+        c = v.to(dtype)
+        if not bool(torch.isfinite(c).all()):
+            (broken if not bool(torch.isfinite(v).all()) else overflow).append(k)
+        out[k] = c
+    if broken:
+        raise CheckpointError(
+            f"{path}: {len(broken)} weight tensors hold NaN or infinite values ({_fmt_keys(broken, 3)}); the file "
+            "is damaged or the fine-tune diverged. Download it again or use another checkpoint."
+        )
+    if overflow:
+        raise CheckpointError(
+            f"{path}: {len(overflow)} weight tensors exceed the range of {str(dtype).replace('torch.', '')} "
+            f"({_fmt_keys(overflow, 3)}); load it with --precision fp32 or bf16."
+        )
+    return out
+
+
 def build_model(config: Mapping | str | os.PathLike, device: str | torch.device = "cpu") -> LatentDiffusion:
     """Instantiate the model of a CompVis config (random init on `device`, or shapes only on 'meta')."""
     config = load_config(config) if not isinstance(config, Mapping) else config
@@ -235,7 +268,7 @@ def load_model(
         sd = read_state_dict(ckpt_path)  # read before building: a bad file fails fast
         model = build_model(config, "meta")
         to_load = check_state_dict(model, sd, ckpt_path)
-        model.load_state_dict({k: v.to(dtype) for k, v in to_load.items()}, strict=False, assign=True)
+        model.load_state_dict(checked_values(to_load, ckpt_path, dtype), strict=False, assign=True)
         model.register_schedule()
         left = [n for n, t in model.state_dict().items() if t.is_meta]
         assert not left, f"internal error: tensors left unloaded: {left[:5]}"

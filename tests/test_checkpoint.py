@@ -273,3 +273,33 @@ def test_unexpected_keys_are_refused(tmp_path, tiny_config, tiny_sd):
     save_file(sd, str(path))
     with pytest.raises(CheckpointError, match="unexpected model.diffusion_model.extra_block"):
         load_model(tiny_config, path)
+
+
+@pytest.mark.parametrize(
+    ("change", "precision", "message"),
+    [
+        ("nan", torch.float32, r"1 weight tensors hold NaN or infinite values \(model.diffusion_model.out.2.weight"),
+        ("inf", torch.float32, "hold NaN or infinite values"),
+        ("int8", torch.float32, r"not floating point \(e.g. model.diffusion_model.out.2.weight: torch.int8\)"),
+        ("bool", torch.float32, "torch.bool"),
+        ("huge", torch.float16, r"exceed the range of float16 .*--precision fp32 or bf16"),
+    ],
+)
+def test_broken_values_are_refused(tmp_path, tiny_config, tiny_sd, change, precision, message):
+    """Right keys and shapes but values that cannot be SD weights: one message naming the tensor, nothing loads."""
+    sd = dict(tiny_sd)
+    w = sd["model.diffusion_model.out.2.weight"].clone()
+    if change in ("nan", "inf"):
+        w.view(-1)[5] = float(change)
+    elif change == "huge":
+        w.view(-1)[5] = 1e6  # fine in fp32, infinite in fp16
+    else:
+        w = (w > 0).to(getattr(torch, change))
+    sd["model.diffusion_model.out.2.weight"] = w
+    path = tmp_path / "m.safetensors"
+    save_file(sd, path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_model(tiny_config, path, dtype=precision)
+    assert str(path) in str(info.value)
+    if change == "huge":  # the same file loads in fp32
+        load_model(tiny_config, path)
