@@ -66,7 +66,7 @@ def check_base(width: int, base: str, force: bool, source: str) -> None:
     if width == want or force:
         return
     fits = [b for b, w in BASES.items() if w == width]
-    hint = f"pass --base {fits[0]} if it is for that family" if fits else "it fits none of the export targets"
+    hint = f"Pass --base {fits[0]} if it is for that family" if fits else "It fits none of the export targets"
     raise ValueError(
         f"{source} holds {width}-d vectors ({width_family(width)}), but --base {base} models take {want}-d ones "
         f"({width_family(want)}): A1111/Forge would skip the file, ComfyUI drop it with a warning, diffusers refuse "

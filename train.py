@@ -28,7 +28,8 @@ HELP = {
     "ckpt_path": "SD v1.x checkpoint (.ckpt/.safetensors); with the tiny config the default path is not used (random "
     "weights), a path given explicitly is loaded",
     "diffusers_config_path": "if set, also export each saved prefix in diffusers textual-inversion format",
-    "devices": "GPU ids for data parallelism, e.g. 0,1; with --accelerator cpu the number of processes",
+    "devices": "GPU ids for data parallelism, e.g. 0,1 (unset: GPU 0, or one CPU process on a machine without "
+    "CUDA); CPU processes are --cpu_processes",
     "seperator": "kept from the original command line (ESD multi-word runs); has no effect in APL",
     "image_size": "training image size in pixels (latents are size/8)",
     "ddim_steps": "DDIM steps for the general samples generated from captions",
@@ -51,7 +52,8 @@ HELP = {
     "log_every": "check for NaN/inf, log and update the progress bar every N steps (one host sync each time; "
     "on a GPU 10 or more keeps the steps in between free of syncs)",
     "outdir": "output folder (embeddings/, log.jsonl, loss.png, train_state.pt)",
-    "resume": "continue from a train_state.pt ('auto' = <outdir>/train_state.pt)",
+    "resume": "continue from a train_state.pt ('auto' = <outdir>/train_state.pt, or a new run if --outdir holds "
+    "none); refused when its settings, face set, general set or model differ from this run's",
     "num_vectors": "learned vectors that replace the placeholder token",
     "placeholder": "placeholder word; must be a single CLIP BPE token",
     "init_word": "initialise the vectors from this word's embedding instead of uniform [0, 1)",
@@ -65,7 +67,10 @@ HELP = {
     "tensor-core convolutions; same math, other kernels. Unmeasured: PyTorch's CUDA GroupNorm works in NCHW, so "
     "without --compile it converts back and forth",
     "accelerator": "auto, cuda or cpu",
+    "cpu_processes": "data-parallel CPU processes (gloo), for CPU training only",
     "num_nodes": "nodes for multi-node data parallelism (launch with torchrun/SLURM as usual)",
+    "start_over": "--outdir holds an earlier run: move its files (state, log, plot, prefixes) to "
+    "<outdir>/previous-runs/<time>/ and start a new one (nothing is deleted)",
     "progress": "show the progress bar",
 }
 

@@ -9,7 +9,7 @@ train like one process of batch N*B.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from apl.fingerprint import module_fingerprint
 from apl.generated import generate_general_latents
 from apl.images import SkipReport
 from apl.latent_cache import LatentCache
-from apl.people import general_prompts, load_people, load_templates, sample_identity_prompts
+from apl.people import PREFIXES, general_prompts, load_people, load_templates, sample_identity_prompts
 from apl.runtime import UsageError, shipped_file
 from ldm.util import to_device
 
@@ -35,6 +35,7 @@ class TrainData:
     people: dict[str, str]
     templates: list[str]
     report: SkipReport = field(default_factory=SkipReport)
+    notes: list[str] = field(default_factory=list)  # changes made to the inputs (cut captions), said at start and end
 
     @property
     def general_is_moments(self) -> bool:
@@ -137,6 +138,45 @@ def clean_latents(
 DEFAULT_PROMPTS_FILE = "prompts.txt"  # the shipped captions; a general folder's own prompts.txt wins over it
 
 
+def make_room_for_prefix(
+    general: list, people: dict[str, str], templates: list[str], tokenizer, num_vectors: int
+) -> tuple[list, list[str]]:
+    """Fit every training prompt into CLIP's 75 content positions once `alz` becomes `num_vectors` vectors.
+
+    The insertion cuts a row back to 77 positions: a longer private prompt would lose its end-of-text token and its
+    last words while the neutral side keeps them. General captions longer than 75 - N tokens are cut at a word
+    boundary, the same on both sides (returned with a note); an identity prompt that cannot fit (a long name or
+    template) is refused, naming it."""
+    room = tokenizer.model_max_length - 2 - num_vectors  # content tokens left beside the N vectors
+    notes: list[str] = []
+    fitted, cut = [], []
+    for g in general:
+        short = tokenizer.truncate(g.caption, room)
+        if short != g.caption:
+            cut.append(g.caption)
+            g = replace(g, caption=short)
+        fitted.append(g)
+    if cut:
+        notes.append(
+            f"{len(cut)} general caption(s) are longer than the {room} CLIP tokens left beside the prefix's "
+            f"{num_vectors} vectors; they were cut at a word boundary, the same with and without the prefix "
+            f"(e.g. {cut[0][:60]!r}...)"
+        )
+    if people:
+        count = lambda text: len(tokenizer.encode(text))  # noqa: E731
+        pre = max(PREFIXES, key=count)
+        post = max(templates, key=count) if templates else ""
+        for name in people:
+            if count(pre) + count(name) + count(post) > room:
+                longest = f"{pre}{name} {post}".strip()
+                raise UsageError(
+                    f"the identity prompt {'alz ' + longest!r} has {count(longest)} CLIP tokens besides 'alz'; with "
+                    f"the prefix's {num_vectors} vectors only {room} fit in CLIP's 77 positions. Shorten the name in "
+                    "--people_file or the longest template in --templates_file (or use fewer --num_vectors)"
+                )
+    return fitted, notes
+
+
 def prepare_data(cfg, model, fabric, report: SkipReport) -> TrainData:
     """Scan the data, then cache VAE moments of images / generate general latents (rank 0 first).
 
@@ -159,6 +199,8 @@ def prepare_data(cfg, model, fabric, report: SkipReport) -> TrainData:
         else:
             general = caption_only_samples(prompts_file)
         general = general[: cfg.max_general] if cfg.max_general else general
+    named = {f.name: people[f.name] for f in faces}
+    general, notes = make_room_for_prefix(general, named, templates, model.cond_stage_model.tokenizer, cfg.num_vectors)
     progress = cfg.progress and fabric.is_global_zero
     device = fabric.device
 
@@ -208,4 +250,5 @@ def prepare_data(cfg, model, fabric, report: SkipReport) -> TrainData:
         people=people,
         templates=templates,
         report=report,
+        notes=notes,
     )

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from apl.io import atomic_save
+from ldm.util import SaveError, describe_save_failure
 
 BUCKETS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
@@ -32,8 +33,11 @@ class TrainLog:
 
     def add(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file (a cut last line is skipped when the log is read back)
+            raise SaveError(describe_save_failure(self.path, e, existed=True)) from e
 
     def plot(self, path: str | os.PathLike, title: str = "APL training loss") -> None:
         """Loss per step (raw + EMA) and per timestep bucket (EMA over the samples in each bucket)."""

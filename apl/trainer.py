@@ -8,6 +8,7 @@ Only the prefix is trained (Adam). Data parallelism: Lightning Fabric processes,
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,12 +16,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from apl.fingerprint import module_fingerprint
 from apl.images import SkipReport
 from apl.io import atomic_save
+from apl.run_dir import (
+    TRAJECTORY_SETTINGS,
+    RunLock,
+    check_outdir,
+    describe_run,
+    move_run_aside,
+    record_differences,
+    refuse_other_run,
+    remove_run_temporaries,
+    run_files,
+    run_record,
+)
 from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, pick_dtype
 from apl.step import StaticStep
 from apl.train_data import DEFAULT_PROMPTS_FILE, clean_latents, plan_batch, prepare_data, step_noise
 from apl.train_log import TrainLog
+from ldm.modules.embedding_manager import check_vectors
 
 STATE_VERSION = 1
 
@@ -37,7 +52,7 @@ class TrainConfig:
     config_path: str = "configs/stable-diffusion/v1-inference.yaml"
     ckpt_path: str | None = DEFAULT_CKPT
     diffusers_config_path: str | None = None  # set: also export the prefix in diffusers format
-    devices: str = "0"  # GPU ids "0,1" (data-parallel); on CPU the number of processes
+    devices: str | None = None  # GPU ids "0,1" (data-parallel); unset: GPU 0, or one CPU process without CUDA
     seperator: str | None = None  # accepted for command-line compatibility (ESD multi-word runs)
     image_size: int = 512
     ddim_steps: int = 50  # DDIM steps for self-generated general samples
@@ -70,34 +85,50 @@ class TrainConfig:
     cuda_graph: bool = False  # capture the step's device work once in a CUDA graph and replay it (GPU)
     channels_last: bool = False  # UNet activations and conv weights in NHWC memory (GPU tensor cores)
     accelerator: str = "auto"  # auto | cuda | cpu
+    cpu_processes: int = 1  # data-parallel CPU processes (gloo); --devices is for GPU ids only
     num_nodes: int = 1
+    start_over: bool = False  # move an earlier run in --outdir aside to <outdir>/previous-runs/<time>/
     progress: bool = True
 
 
 def _parse_devices(cfg: TrainConfig) -> tuple[str, list[int] | int]:
+    """(accelerator, devices) for Fabric. --devices names GPU ids only; CPU processes are --cpu_processes."""
     accel = cfg.accelerator
+    if accel not in ("auto", "cuda", "cpu"):
+        raise UsageError(f"--accelerator {cfg.accelerator!r}: choose auto, cuda or cpu")
     if accel == "auto":
         accel = "cuda" if torch.cuda.is_available() else "cpu"
+    if accel == "cpu":
+        if cfg.devices is not None:
+            why = "this machine has no CUDA GPU" if cfg.accelerator == "auto" else "--accelerator cpu is set"
+            raise UsageError(
+                f"--devices {cfg.devices} names GPU ids, but {why}. To train on the CPU leave --devices out (one "
+                "process), or pass --cpu_processes N for N data-parallel CPU processes"
+            )
+        return accel, cfg.cpu_processes
+    if cfg.cpu_processes != 1:
+        raise UsageError(
+            f"--cpu_processes {cfg.cpu_processes} is for CPU training; on GPUs choose them with --devices, e.g. 0,1 "
+            "(or pass --accelerator cpu)"
+        )
+    text = "0" if cfg.devices is None else str(cfg.devices)
     try:
-        ids = [int(x) for x in str(cfg.devices).replace(" ", "").split(",") if x != ""]
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
         raise UsageError(f"--devices {cfg.devices!r}: expected GPU ids like '0' or '0,1'") from None
     if not ids:
         raise UsageError("--devices is empty: give GPU ids like '0' or '0,1'")
-    if accel == "cuda":
-        n = torch.cuda.device_count()
-        absent = [i for i in ids if i >= n or i < 0]
-        if absent:
-            have = f"GPUs 0..{n - 1}" if n else "no CUDA GPU"
-            raise UsageError(
-                f"--devices {cfg.devices}: GPU id(s) {absent} do not exist; this machine has {have}"
-                " (check CUDA_VISIBLE_DEVICES, or use --accelerator cpu)"
-            )
-        return accel, ids
-    if accel != "cpu":
-        raise UsageError(f"--accelerator {cfg.accelerator!r}: choose auto, cuda or cpu")
-    # On the CPU, '--devices 2' means two processes; a list '0,1' means as many processes as ids.
-    return accel, (len(ids) if len(ids) > 1 else max(1, ids[0]))
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"--devices {cfg.devices}: a GPU id is listed twice")
+    n = torch.cuda.device_count()
+    absent = [i for i in ids if i >= n or i < 0]
+    if absent:
+        have = f"GPUs 0..{n - 1}" if n else "no CUDA GPU"
+        raise UsageError(
+            f"--devices {cfg.devices}: GPU id(s) {absent} do not exist; this machine has {have}"
+            " (check CUDA_VISIBLE_DEVICES, or use --accelerator cpu)"
+        )
+    return accel, ids
 
 
 def make_fabric(cfg: TrainConfig):
@@ -109,15 +140,41 @@ def make_fabric(cfg: TrainConfig):
     return Fabric(accelerator=accel, devices=devices, strategy=strategy, num_nodes=cfg.num_nodes, precision="32-true")
 
 
+def _check_range(flag: str, value: float, lo: float, hi: float, why: str = "", lo_open: bool = False) -> None:
+    """A finite number in [lo, hi] (or (lo, hi] with lo_open); one UsageError naming the flag otherwise."""
+    inside = math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
+    if not inside:
+        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise UsageError(f"--{flag} {value}: must be a finite number in {span}{f' ({why})' if why else ''}")
+
+
 def _check_config(cfg: TrainConfig) -> None:
-    if not 0.0 <= cfg.id_ratio <= 1.0:
-        raise UsageError(f"--id_ratio {cfg.id_ratio}: must be in [0, 1]")
+    _check_range("id_ratio", cfg.id_ratio, 0.0, 1.0, "the probability of an identity sample")
+    _check_range("lr", cfg.lr, 0.0, 10.0, "larger steps move the prefix beyond any text embedding", lo_open=True)
+    _check_range(
+        "negative_guidance",
+        cfg.negative_guidance,
+        -1.0,
+        1e3,
+        "at -1 the target equals the prefix's own prediction and nothing trains; below it the objective reverses",
+        lo_open=True,
+    )
+    _check_range("start_guidance", cfg.start_guidance, 0.0, 100.0, "classifier-free guidance scale")
+    if not 0 <= cfg.seed < 2**32:
+        raise UsageError(f"--seed {cfg.seed}: must be in [0, 2**32)")
     if cfg.id_target not in ("attributes", "empty"):
         raise UsageError(f"--id_target {cfg.id_target!r}: choose attributes or empty")
     if cfg.general_source not in ("auto", "images", "generated"):
         raise UsageError(f"--general_source {cfg.general_source!r}: choose auto, images or generated")
-    if cfg.image_size % 8 or cfg.image_size < 8:
-        raise UsageError(f"--image_size {cfg.image_size}: must be a positive multiple of 8")
+    if cfg.image_size % 8 or not 8 <= cfg.image_size <= 4096:
+        raise UsageError(f"--image_size {cfg.image_size}: must be a positive multiple of 8, at most 4096")
+    if not 1 <= cfg.ddim_steps <= 500:
+        raise UsageError(f"--ddim_steps {cfg.ddim_steps}: must be in 1..500 (DDIM over 1000 training timesteps)")
+    if not 1 <= cfg.num_vectors <= 64:
+        raise UsageError(
+            f"--num_vectors {cfg.num_vectors}: must be in 1..64 (the vectors take that many of CLIP's 75 prompt "
+            "positions)"
+        )
     if cfg.max_general is not None and cfg.max_general < 1:
         raise UsageError(f"--max_general {cfg.max_general}: must be >= 1 (leave it out to use every general sample)")
     if cfg.cuda_graph and cfg.compile:
@@ -125,10 +182,10 @@ def _check_config(cfg: TrainConfig) -> None:
             "--cuda_graph and --compile exclude each other; for CUDA graphs with torch.compile use "
             "--compile --compile_mode reduce-overhead"
         )
-    if min(cfg.iterations, cfg.batch_size, cfg.num_vectors, cfg.save_every, cfg.log_every, cfg.plot_every) < 1:
-        raise UsageError(
-            "--iterations, --batch_size, --num_vectors, --save_every, --log_every and --plot_every must be >= 1"
-        )
+    if min(cfg.iterations, cfg.batch_size, cfg.save_every, cfg.log_every, cfg.plot_every) < 1:
+        raise UsageError("--iterations, --batch_size, --save_every, --log_every and --plot_every must be >= 1")
+    if cfg.cpu_processes < 1 or cfg.num_nodes < 1:
+        raise UsageError("--cpu_processes and --num_nodes must be >= 1")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -143,7 +200,9 @@ def _state_path(cfg: TrainConfig) -> Path:
     return Path(cfg.outdir) / "train_state.pt"
 
 
-def save_state(path: Path, step: int, em, opt, cfg: TrainConfig, scaler=None, world_size: int = 1) -> None:
+def save_state(
+    path: Path, step: int, em, opt, cfg: TrainConfig, scaler=None, world_size: int = 1, record: dict | None = None
+) -> None:
     state = {
         "version": STATE_VERSION,
         "step": step,
@@ -152,13 +211,15 @@ def save_state(path: Path, step: int, em, opt, cfg: TrainConfig, scaler=None, wo
         "optimizer": opt.state_dict(),
         "config": asdict(cfg),
     }
+    if record is not None:
+        state["run"] = record  # settings and content digests: what --resume compares
     if scaler is not None:
         state["loss_scaler"] = scaler.state_dict()
     atomic_save(lambda p: torch.save(state, p), path)
 
 
-def load_state(path: Path, em, opt, cfg: TrainConfig, scaler=None, world_size: int = 1) -> int:
-    """Restore prefix, Adam (with this run's --lr) and loss scaler from a train_state.pt; returns its step."""
+def read_state(path: Path) -> dict:
+    """A train_state.pt as a dict, or one UsageError saying why it is not one."""
     not_state = (
         f"--resume: {path} is not a training state (train_state.pt, written next to embeddings/ every "
         "--save_every steps); a prefix file cannot be resumed from"
@@ -171,28 +232,80 @@ def load_state(path: Path, em, opt, cfg: TrainConfig, scaler=None, world_size: i
         raise UsageError(f"{not_state} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or not {"step", "prefix", "optimizer"} <= state.keys():
         raise UsageError(not_state)
-    old = state.get("config", {})
+    return state
+
+
+def check_state(state: dict, path: Path, cfg: TrainConfig, world_size: int, precision: str | None = None) -> None:
+    """Refuse to resume a state of another run: process count and every trajectory setting (run_dir.py); the data
+    and model digests are compared later, once the data is prepared (`check_record`)."""
     saved_world = int(state.get("world_size", world_size))
     if saved_world != world_size:
         raise UsageError(
             f"--resume: {path} was trained by {saved_world} process(es), this run has {world_size}; the global batch "
             "(processes x --batch_size) must stay the same to continue the same run"
         )
-    for key in ("placeholder", "num_vectors", "seed", "batch_size", "id_ratio", "id_target", "image_size"):
-        if key in old and old[key] != getattr(cfg, key):
+    old = dict(state.get("run", {}).get("settings") or state.get("config") or {})
+    now = {k: getattr(cfg, k) for k in TRAJECTORY_SETTINGS if hasattr(cfg, k)}
+    if precision is not None:
+        now["precision"] = precision
+    if "run" not in state:  # a state from before run records: its resolved precision is unknown
+        old.pop("precision", None)
+    diffs = record_differences({"settings": old}, {"settings": now})
+    if diffs:
+        raise refuse_other_run(path, diffs)
+    for name, vectors in state["prefix"].items():
+        if not isinstance(vectors, torch.Tensor):
+            raise UsageError(f"--resume: {path} holds no vectors for {name!r}; it is damaged")
+        try:
+            check_vectors(vectors, f"--resume: {path}: prefix {name!r}", "resume from an earlier copy or start over")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+def check_record(state: dict, path: Path, record: dict) -> None:
+    """The saved run record against this run's (settings, face set, general set, texts, model, width)."""
+    old = state.get("run")
+    if old is None:
+        print(
+            f"warning: {path} was written before run records; its face set and model could not be compared with "
+            "this run's (the settings were)"
+        )
+        return
+    diffs = record_differences(old, record)
+    if diffs:
+        raise refuse_other_run(path, diffs)
+
+
+def restore_state(state: dict, path: Path, em, opt, cfg: TrainConfig, scaler=None) -> int:
+    """Copy prefix, Adam (with this run's --lr) and loss scaler from a checked state; returns its step."""
+    for name, vectors in state["prefix"].items():
+        if name not in em.string_to_param_dict:
+            raise UsageError(f"--resume: {path} trains placeholder {name!r}, this run {list(em.string_to_param_dict)}")
+        have = tuple(em.string_to_param_dict[name].shape)
+        if tuple(vectors.shape) != have:
             raise UsageError(
-                f"--resume: {path} was trained with --{key} {old[key]!r}, this run has "
-                f"{getattr(cfg, key)!r}; resume with the same settings"
+                f"--resume: {path} holds {tuple(vectors.shape)} vectors for {name!r}, this run {have} (another "
+                "--num_vectors or another model's text width); resume with the same model and settings"
             )
     with torch.no_grad():
         for k, v in state["prefix"].items():
             em.string_to_param_dict[k].copy_(v)
     opt.load_state_dict(state["optimizer"])
+    old_lr = opt.param_groups[0]["lr"]
     for group in opt.param_groups:  # the saved state carries the old learning rate; this run's --lr applies
         group["lr"] = cfg.lr
+    if old_lr != cfg.lr:
+        print(f"note: --lr {cfg.lr:g} applies from here on (the state was trained with {old_lr:g})")
     if scaler is not None and "loss_scaler" in state:
         scaler.load_state_dict(state["loss_scaler"])
     return int(state["step"])
+
+
+def load_state(path: Path, em, opt, cfg: TrainConfig, scaler=None, world_size: int = 1) -> int:
+    """Read, check and restore a train_state.pt (settings only; see check_record for the data); returns its step."""
+    state = read_state(path)
+    check_state(state, path, cfg, world_size)
+    return restore_state(state, path, em, opt, cfg, scaler)
 
 
 def _check_window(window: list, last_good: list, last_good_step: int) -> tuple[list, int]:
@@ -264,18 +377,84 @@ def _save_prefix(em, cfg: TrainConfig, step: int, tag: str | None = None) -> Pat
     return emb_dir / f"{stem}.pt"
 
 
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    """The state to continue from: --resume PATH, or with 'auto' <outdir>/train_state.pt; None starts a new run
+    ('auto' in a folder without any run, so that one command line serves the first start and every restart)."""
+    if not cfg.resume:
+        return None
+    if cfg.resume != "auto":
+        return Path(cfg.resume)
+    path = _state_path(cfg)
+    if path.is_file():
+        return path
+    outdir = Path(cfg.outdir)
+    if run_files(outdir, cfg.prompt):
+        raise UsageError(
+            f"--resume auto: {outdir} holds {describe_run(outdir, cfg.prompt)} but no {path.name}: the run stopped "
+            "before its first save (--save_every). Start it again with --start_over (moves those files aside)"
+        )
+    return None
+
+
+def _claim_outdir(cfg: TrainConfig, fabric) -> RunLock | None:
+    """One run per --outdir: refuse to overwrite or mix runs, lock the folder, clean up after killed saves, and
+    with --start_over move the earlier run aside. Every rank checks; rank 0 locks and writes."""
+    outdir = Path(cfg.outdir)
+    problem = check_outdir(outdir, cfg.prompt, cfg.resume, cfg.start_over)
+    if problem:
+        raise UsageError(problem)
+    lock, refusal = None, None
+    if fabric.is_global_zero:
+        lock = RunLock(outdir)
+        refusal = lock.acquire()
+    if fabric.world_size > 1:
+        refusal = fabric.broadcast(refusal, src=0)
+    if refusal:
+        raise UsageError(refusal)
+    if fabric.is_global_zero:
+        removed = remove_run_temporaries(outdir, cfg.prompt)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) that an interrupted save left: {removed[0].name} ...")
+        if cfg.start_over:
+            moved = move_run_aside(outdir, cfg.prompt)
+            if moved:
+                print(f"--start_over: the earlier run's files are now in {moved}")
+    fabric.barrier()
+    return lock
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training; returns the path of the final `.pt` prefix."""
     _check_config(cfg)
     fabric = make_fabric(cfg)
     fabric.launch()
+    lock = _claim_outdir(cfg, fabric)
+    try:
+        return _train(cfg, fabric)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, fabric) -> Path:
     from ldm.modules.embedding_manager import EmbeddingManager
 
     device = fabric.device
     if cfg.cuda_graph and device.type != "cuda":
         raise UsageError(f"--cuda_graph needs a CUDA GPU; this run is on {device.type} (leave --cuda_graph out)")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    resume_path = _resume_path(cfg)
+    state = None
+    if resume_path is not None:  # settings first: a wrong --resume fails before any model or data is loaded
+        state = read_state(resume_path)
+        check_state(state, resume_path, cfg, fabric.world_size, precision)
+    elif cfg.resume and fabric.is_global_zero:
+        print(f"--resume auto: no earlier run in {cfg.outdir}; starting a new one")
     model = load_model_for_cli(cfg.config_path, cfg.ckpt_path, device, pick_dtype(precision, device), cfg.seed)
+    try:
+        model.check_image_size(cfg.image_size, cfg.image_size)
+    except ValueError as e:
+        raise UsageError(f"--image_size {cfg.image_size}: {e}") from None
     if cfg.gradient_checkpointing:
         model.model.diffusion_model.set_gradient_checkpointing(True)
     if cfg.channels_last:
@@ -299,7 +478,9 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16) if precision == "fp16" else None
     skipped = 0
     report = SkipReport()
-    data = prepare_data(cfg, model, fabric, report).to(device)  # latents live on the device: no per-step copies
+    data = prepare_data(cfg, model, fabric, report)
+    record = run_record(cfg, data, module_fingerprint(model), em.token_dim, precision)
+    data = data.to(device)  # latents live on the device: no per-step copies
     rank0 = fabric.is_global_zero
     if rank0:
         print(
@@ -308,14 +489,16 @@ def train(cfg: TrainConfig) -> Path:
         )
         if report:
             print(report.summary())
+        for note in data.notes:
+            print(f"note: {note}")
 
     start = 0
-    if cfg.resume:
-        path = _state_path(cfg) if cfg.resume == "auto" else Path(cfg.resume)
-        start = load_state(path, em, opt, cfg, scaler, fabric.world_size)
+    if state is not None:
+        check_record(state, resume_path, record)
+        start = restore_state(state, resume_path, em, opt, cfg, scaler)
         if start >= cfg.iterations:
             raise UsageError(
-                f"--resume: {path} is at step {start} already; --iterations is the total number of steps "
+                f"--resume: {resume_path} is at step {start} already; --iterations is the total number of steps "
                 f"({cfg.iterations}): raise it to train further"
             )
         if rank0:
@@ -392,13 +575,13 @@ def train(cfg: TrainConfig) -> Path:
                 if save_now:
                     if rank0:
                         final = _save_prefix(em, cfg, completed)
-                        save_state(_state_path(cfg), completed, em, opt, cfg, scaler, world)
+                        save_state(_state_path(cfg), completed, em, opt, cfg, scaler, world, record)
                     fabric.barrier()
         except KeyboardInterrupt:
             flush()  # the steps since the last sync are checked and logged too (a NaN among them: handled below)
             if rank0:
                 bar.close()
-                save_state(_state_path(cfg), completed, em, opt, cfg, scaler, world)
+                save_state(_state_path(cfg), completed, em, opt, cfg, scaler, world, record)
                 path = _save_prefix(em, cfg, completed)
                 print(f"\ninterrupted: state after {completed} steps saved; continue with --resume auto ({path})")
             raise
@@ -422,6 +605,8 @@ def train(cfg: TrainConfig) -> Path:
         log.plot(Path(cfg.outdir) / "loss.png")
         if report:
             print(report.summary())
+        for note in data.notes:
+            print(f"note: {note}")
         if scaler is not None:
             print(f"fp16 loss scaling: {skipped} step(s) skipped for gradient overflow; scale {scaler.get_scale():g}")
         print(f"done: {cfg.iterations} steps; prefix {final}; log {log.path}; plot {Path(cfg.outdir) / 'loss.png'}")

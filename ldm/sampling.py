@@ -70,8 +70,7 @@ def txt2img_latents(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    if height % 8 or width % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    model.check_image_size(height, width)
     device = model.device
     cond = _unique_conditioning(model, prompts, embedding_manager)
     uncond = model.get_learned_conditioning([negative_prompt])  # the negative prompt never carries the prefix

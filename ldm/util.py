@@ -116,7 +116,7 @@ class SaveError(OSError):
     was before the attempt (atomic_save writes a temporary file and renames it only when it is complete)."""
 
 
-def _save_failure(path: Path, error: BaseException, existed: bool) -> str:
+def describe_save_failure(path: Path, error: BaseException, existed: bool) -> str:
     """One line for a failed save: which file, why, that the earlier file is intact, and what to do."""
     if isinstance(error, OSError) and error.strerror:
         cause = error.strerror
@@ -167,7 +167,7 @@ def atomic_save(obj_writer: Callable[[Path], None], path: str | os.PathLike[str]
             tmp.unlink(missing_ok=True)
         if isinstance(e, SaveError):
             raise
-        raise SaveError(_save_failure(path, e, existed)) from e
+        raise SaveError(describe_save_failure(path, e, existed)) from e
     except BaseException:  # Ctrl-C: no half file, and the interrupt goes on as it is
         if tmp is not None:
             tmp.unlink(missing_ok=True)

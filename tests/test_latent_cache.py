@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from apl.images import SkipReport, load_rgb
 from apl.io import atomic_save, atomic_write_text
-from ldm.util import SaveError, remove_stale_temporaries
 from apl.latent_cache import LatentCache, file_digest
+from ldm.util import SaveError, remove_stale_temporaries
 
 S = 16
 

@@ -266,7 +266,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
                 sys.executable,
                 str(ROOT / "train.py"),
                 *common,
-                "--devices",
+                "--cpu_processes",
                 devices,
                 "--batch_size",
                 batch,
@@ -354,11 +354,15 @@ def test_export_cli(trained, tmp_path):
     import export_prefix
 
     src = trained / "full" / "embeddings" / "APL-6.pt"
-    assert export_prefix.main([str(src), "--format", "a1111", "--out", str(tmp_path / "APL.pt")]) == 0
+    # The tiny model's 32-d prefix fits no SD family: refused for other tools' formats unless forced.
+    assert export_prefix.main([str(src), "--format", "a1111", "--out", str(tmp_path / "APL.pt")]) == 2
+    assert not (tmp_path / "APL.pt").exists()
+    assert export_prefix.main([str(src), "--format", "a1111", "--out", str(tmp_path / "APL.pt"), "--force"]) == 0
     a1111 = torch.load(tmp_path / "APL.pt", weights_only=True)
-    assert torch.equal(a1111["string_to_param"]["*"], _prefix(src)) and a1111["name"] == "APL"
-    assert a1111["step"] == 6  # the .pt prefix carries its step
-    assert export_prefix.main([str(src), "--format", "diffusers", "--out", str(tmp_path / "d.safetensors")]) == 0
+    assert torch.equal(a1111["string_to_param"]["*"], _prefix(src)) and a1111["name"] == "<apl>"
+    assert a1111["step"] == 6 and a1111["apl_width"] == "32"  # the .pt prefix carries its step
+    out = str(tmp_path / "d.safetensors")
+    assert export_prefix.main([str(src), "--format", "diffusers", "--out", out, "--force"]) == 0
     assert (
         export_prefix.main([str(tmp_path / "missing.pt"), "--format", "a1111", "--out", str(tmp_path / "x.pt")]) == 2
     )

@@ -38,6 +38,10 @@ class EmbeddingFileError(ValueError):
     """An embedding file APL cannot use; the message names the file, what is wrong and what to do."""
 
 
+class PromptTooLong(ValueError):
+    """A prompt that does not fit CLIP's 77 positions once the placeholder is expanded into its vectors."""
+
+
 # Largest |value| a prefix vector may hold. CLIP token embeddings are below 1 in magnitude and trained APL prefixes
 # stay within a few tens; values far beyond that come from a diverged run or a damaged file, and they overflow
 # the text encoder (LayerNorm squares them; fp16 ends at 65504) into NaN or black images.
@@ -348,6 +352,29 @@ class EmbeddingManager(nn.Module):
         with torch.no_grad():
             mean = token_embedding.weight[torch.tensor(ids, device=token_embedding.weight.device)].float().mean(0)
         return mean.cpu().unsqueeze(0).repeat(self.num_vectors_per_token, 1)
+
+    def prompt_room(self, prompt: str) -> tuple[int, int]:
+        """(positions `prompt` needs once each placeholder becomes N vectors, positions there are): BOS and EOS
+        included; CLIP has 77. A prompt that needs more loses its end-of-text token and its last words."""
+        ids = self.tokenizer.encode(prompt)[: self.tokenizer.model_max_length - 2]  # what the tokenizer keeps
+        tokens = set(self.string_to_token_dict.values())
+        expanded = len(ids) + (self.num_vectors_per_token - 1) * sum(i in tokens for i in ids)
+        return expanded + 2, self.tokenizer.model_max_length
+
+    def check_prompts_fit(self, prompts: Sequence[str]) -> None:
+        """Refuse prompts that the prefix's N vectors would push past CLIP's 77 positions (the insertion then cuts
+        the end-of-text token and the last words, while the same prompt without the prefix keeps them)."""
+        for prompt in prompts:
+            need, have = self.prompt_room(prompt)
+            if need > have:
+                n = self.num_vectors_per_token
+                fit = have - 2 - n
+                raise PromptTooLong(
+                    f"prompt {prompt[:80]!r}{'...' if len(prompt) > 80 else ''} is too long for the prefix: with "
+                    f"each placeholder as {n} vectors it needs {need} of CLIP's {have} positions, so its last words "
+                    f"and its end token would be cut. Shorten it to at most {fit} CLIP tokens besides the "
+                    "placeholder."
+                )
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The trainable vectors (the only parameters to optimise)."""

@@ -171,6 +171,20 @@ class LatentDiffusion(nn.Module):
     def device(self) -> torch.device:
         return self.betas.device
 
+    def check_image_size(self, height: int, width: int) -> None:
+        """Refuse image sides the UNet cannot take: 8 pixels per latent, and the latent is halved once per
+        down-sampling level, so each side must be a multiple of 8 * 2**levels (64 for SD v1's three levels)."""
+        from ldm.modules.diffusionmodules.openaimodel import Downsample
+
+        levels = sum(isinstance(m, Downsample) for m in self.model.diffusion_model.modules())
+        step = 8 * 2**levels
+        if height % step or width % step or height <= 0 or width <= 0:
+            near = max(step, round(max(height, width) / step) * step)
+            raise ValueError(
+                f"image size {height}x{width}: this model's UNet halves the latent {levels} time(s), so each side "
+                f"must be a positive multiple of {step} pixels (e.g. {near})"
+            )
+
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Forward diffusion q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 4)."""
         noise = torch.randn_like(x_start) if noise is None else noise
@@ -196,6 +210,8 @@ class LatentDiffusion(nn.Module):
             prompts = [prompts]
         elif not isinstance(prompts, torch.Tensor):
             prompts = list(prompts)
+        if embedding_manager is not None and not isinstance(prompts, torch.Tensor):
+            embedding_manager.check_prompts_fit(prompts)  # token ids come from callers that made room themselves
         return self.cond_stage_model(prompts, embedding_manager=embedding_manager)
 
     def encode_first_stage(self, x: torch.Tensor):

@@ -164,6 +164,21 @@ class CLIPTokenizer:
         """Content token ids of `text`: no BOS/EOS, no truncation."""
         return [self.encoder[t] for t in self.tokens(text)]
 
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """The longest run of `text`'s leading words (split at whitespace, so the text stays as written) that is at
+        most `max_tokens` content tokens; `text` itself when it fits."""
+        if len(self.encode(text)) <= max_tokens:
+            return text
+        words = text.split()
+        lo, hi = 0, len(words)  # invariant: words[:lo] fits, words[:hi + 1] does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self.encode(" ".join(words[:mid]))) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        return " ".join(words[:lo])
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, lowercase, words separated by spaces; BOS/EOS/padding are skipped."""
         specials = (self.bos_token_id, self.eos_token_id)
