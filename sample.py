@@ -12,7 +12,15 @@ import sys
 from pathlib import Path
 
 from apl.people import load_prompts
-from apl.runtime import DEFAULT_CKPT, SD_CONFIG, UsageError, load_model_for_cli, pick_device, pick_dtype
+from apl.runtime import (
+    DEFAULT_CKPT,
+    SD_CONFIG,
+    UsageError,
+    load_model_for_cli,
+    number_in,
+    pick_device,
+    pick_dtype,
+)
 from args.clip_args import positive_int, positive_multiple_of_8
 from ldm.checkpoint import CheckpointError
 from ldm.sampling import make_grid, save_image, txt2img
@@ -31,11 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n_samples", type=positive_int, default=4, help="images per prompt")
     p.add_argument("--batch_size", type=positive_int, default=4, help="images per DDIM batch")
-    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--steps", type=number_in(1, 500, int), default=50, help="DDIM steps (1..500)")
+    p.add_argument(
+        "--scale", type=number_in(0, 100), default=7.5, help="classifier-free guidance scale (1 = no guidance)"
+    )
+    p.add_argument("--eta", type=number_in(0, 1), default=0.0, help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
     p.add_argument("--negative_prompt", default="", help="unconditional / negative prompt for guidance")
-    p.add_argument("--seed", type=int, default=42, help="image i of prompt j uses seed + j * n_samples + i")
+    p.add_argument(
+        "--seed", type=number_in(0, 2**62, int), default=42, help="image i of prompt j uses seed + j * n_samples + i"
+    )
     p.add_argument(
         "--H",
         type=positive_multiple_of_8,

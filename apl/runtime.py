@@ -20,6 +20,30 @@ class UsageError(ValueError):
     """Bad command-line input; scripts print it as one line and exit 2."""
 
 
+def number_in(lo: float, hi: float, kind: type = float, lo_open: bool = False, why: str = ""):
+    """An argparse `type=` for a finite number in [lo, hi] ((lo, hi] with lo_open): 'nan', 'inf' and values outside
+    give one argparse error naming the range, instead of a traceback deep inside torch later."""
+    import argparse
+    import math
+
+    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
+        if not ok:
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"{text} is not {what} in {span}{f' ({why})' if why else ''}")
+        return value
+
+    parse.__name__ = f"number in {span}"  # argparse names the type in some messages
+    return parse
+
+
 def shipped_file(path: str | os.PathLike) -> Path:
     """A relative path that is not in the working directory but ships with APL (people.tsv, ...) -> APL's copy."""
     p = Path(path)
