@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 # The toy world (toyworld/, README "Toy world"): a small SD v1-architecture model this repository trained to draw
@@ -25,7 +26,8 @@ demo: $(STAMP)
 		--n_samples 12 --negative_prompt "" --outdir $(DEMO)/faces
 	$(PY) train.py $(TOY) $(TOY_PEOPLE) --templates_file toyworld/data/toy_templates.txt \
 		--prompts_file toyworld/data/toy_prompts.txt --face_dir $(DEMO)/faces --image_size 64 --start_guidance 7 \
-		--ddim_steps 20 --iterations 300 --batch_size 16 --lr 3e-2 --save_every 100 --log_every 10 --outdir $(DEMO)
+		--ddim_steps 20 --iterations 300 --batch_size 16 --lr 3e-2 --save_every 100 --log_every 10 --outdir $(DEMO) \
+		--start_over
 	$(PY) test_id.py $(TOY) $(TOY_PEOPLE) --embedding $(DEMO)/embeddings/APL-300.pt --mode both \
 		--face_backend toyworld.perception:ToyFaceBackend --gt_folder $(DEMO)/references --n_samples 4 \
 		--negative_prompt "" --outdir $(DEMO)/test_id

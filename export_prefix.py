@@ -17,6 +17,7 @@ from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog="export_prefix.py",  # the same name in messages when main() is called from Python
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("embedding", help="APL prefix file (.pt or .safetensors) written by train.py")

@@ -29,6 +29,7 @@ from ldm.util import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog="sample.py",  # the same name in messages when main() is called from Python
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--prompt", action="append", help="prompt (repeat the flag for several)")

@@ -77,6 +77,7 @@ HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog="train.py",  # the same name in messages when main() is called from Python
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     for f in fields(TrainConfig):

@@ -147,12 +147,10 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            holder = os.read(fd, 64).decode(errors="replace").strip()
             os.close(fd)
-            return (
-                f"another train.py (pid {holder}) is writing to {self.path.parent}; wait for it to finish or "
-                "choose another --outdir"
-            )
+            who = f"another train.py (pid {holder})" if holder.isdigit() else "another train.py"
+            return f"{who} is writing to {self.path.parent}; wait for it to finish or choose another --outdir"
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
