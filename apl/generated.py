@@ -49,8 +49,10 @@ def generate_general_latents(
         f = cache_dir / f"{k}.safetensors"
         if f.is_file():
             try:
-                out[i] = load_file(str(f))["z0"]
-                continue
+                z0 = load_file(str(f))["z0"]
+                if bool(torch.isfinite(z0).all()):
+                    out[i] = z0
+                    continue
             except (SafetensorError, OSError, KeyError):
                 pass  # a damaged entry is simply drawn again and overwritten
         todo.append(i)
@@ -76,6 +78,12 @@ def generate_general_latents(
         )
         for i, zi in zip(idx, z, strict=False):
             zi = zi.clone()
+            if not bool(torch.isfinite(zi).all()):
+                raise ValueError(
+                    f"the model drew NaN/inf latents for the general caption {captions[i]!r} (DDIM {steps} steps, "
+                    f"guidance {scale:g}): its weights overflow in {str(model.dtype).replace('torch.', '')}; train "
+                    "with --precision bf16 or fp32, or give general images with --general_dir"
+                )
             atomic_save(lambda p, zi=zi: save_file({"z0": zi}, str(p)), cache_dir / f"{keys[i]}.safetensors")
             out[i] = zi
     return out  # type: ignore[return-value]

@@ -69,6 +69,9 @@ class LatentCache:
             # A damaged entry (e.g. disk full on another tool's write) is not fatal: it is encoded again.
             warnings.warn(f"ignoring unreadable latent cache entry {entry} ({e}); it will be re-encoded", stacklevel=3)
             return None
+        if not bool(torch.isfinite(latent).all()):  # written by a run whose VAE overflowed, or damaged on disk
+            warnings.warn(f"latent cache entry {entry} holds NaN/inf values; it will be re-encoded", stacklevel=3)
+            return None
         if meta.get("model_key") != self.model_key or meta.get("size") != str(self.size):
             warnings.warn(
                 f"latent cache entry {entry} was written for another model or size; re-encoding", stacklevel=3
@@ -139,10 +142,10 @@ class LatentCache:
                     continue
                 batch.append((key, same, image))
                 if len(batch) == batch_size:
-                    bar.update(self._encode_batch(batch, encode_fn, result))
+                    bar.update(self._encode_batch(batch, encode_fn, result, report))
                     batch = []
             if batch:
-                bar.update(self._encode_batch(batch, encode_fn, result))
+                bar.update(self._encode_batch(batch, encode_fn, result, report))
         return {path: result[path] for path in unique if path in result}
 
     def _encode_batch(
@@ -150,8 +153,10 @@ class LatentCache:
         batch: list[tuple[str, list[Path], torch.Tensor]],
         encode_fn: Callable[[torch.Tensor], torch.Tensor],
         result: dict[Path, torch.Tensor],
+        report: SkipReport,
     ) -> int:
-        """Encode and store one batch; returns the number of paths it covered."""
+        """Encode and store one batch; returns the number of paths it covered. An image whose latent is not finite
+        (SD's VAE overflows in fp16 on some images) is skipped and counted, never cached."""
         images = torch.stack([image for _, _, image in batch])  # (B, 3, size, size)
         with torch.no_grad():
             latents = encode_fn(images)
@@ -161,6 +166,15 @@ class LatentCache:
         done = 0
         for (key, same, _), latent in zip(batch, latents, strict=True):
             latent = latent.detach().to("cpu").clone()  # own storage, so the batch tensor can be freed
+            if not bool(torch.isfinite(latent).all()):
+                for path in same:
+                    report.add(
+                        "VAE latent not finite",
+                        path,
+                        "the VAE overflowed on it (SD's VAE does in fp16): use --precision bf16 or fp32",
+                    )
+                done += len(same)
+                continue
             self._store(key, latent, same[0])
             for path in same:
                 result[path] = latent

@@ -9,6 +9,8 @@ Only the prefix is trained (Adam). Data parallelism: Lightning Fabric processes,
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -429,11 +431,21 @@ def train(cfg: TrainConfig) -> Path:
     fabric = make_fabric(cfg)
     fabric.launch()
     lock = _claim_outdir(cfg, fabric)
+    # SIGTERM (a scheduler's preemption, `kill`, a closing terminal) stops like Ctrl-C: the state of the completed
+    # steps is saved first, so --resume auto continues exactly.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
         return _train(cfg, fabric)
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if lock is not None:
             lock.release()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _train(cfg: TrainConfig, fabric) -> Path:

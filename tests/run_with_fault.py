@@ -6,7 +6,8 @@ FAULT is `<kind>:<name>:<n>`: the n-th `torch.save` into a file whose name conta
 an atomic save is named after its target) first writes some bytes, then fails:
 - enospc: raises OSError(ENOSPC), as a full disk does;
 - pos: raises the RuntimeError torch.save gives when its stream fails mid-write ('unexpected pos ...');
-- kill: the process kills itself with SIGKILL, leaving the half-written temporary file behind.
+- kill: the process kills itself with SIGKILL, leaving the half-written temporary file behind;
+- term: the process sends itself SIGTERM (as a scheduler preempting a job does) and the save goes on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def install(fault: str) -> None:
         target = str(f)
         if name in Path(target).name:
             calls["n"] += 1
-            if calls["n"] == int(nth):
+            if calls["n"] == int(nth) and kind == "term":
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif calls["n"] == int(nth):
                 with open(target, "wb") as out:
                     out.write(b"PK\x03\x04 half a file")
                 if kind == "enospc":

@@ -267,7 +267,7 @@ def test_a_run_is_never_overwritten_or_mixed(world, uninterrupted, capsys):
     assert sorted(p.name for p in (copy / "embeddings").iterdir()) == ["APL-3.pt", "APL-3.safetensors"]
 
 
-@pytest.mark.parametrize("fault", ["enospc", "pos", "kill"])
+@pytest.mark.parametrize("fault", ["enospc", "pos", "kill", "term"])
 def test_fault_mid_save_then_resume_gives_the_uninterrupted_prefix(world, uninterrupted, fault, capsys, monkeypatch):
     """The second save of train_state.pt (step 6) fails: a full disk, torch's stream error, or a kill (a real
     subprocess). Earlier files stay intact, the error is one line naming the file, a killed save's temporary file
@@ -279,6 +279,10 @@ def test_fault_mid_save_then_resume_gives_the_uninterrupted_prefix(world, uninte
         r = run("train.py", *args, cwd=world, fault=f"{fault}:train_state:2")
         assert r.returncode == -9, r.stderr[-2000:]
         assert list((world / out).glob(".train_state.*.tmp.pt")), "the kill should leave a temporary file"
+    elif fault == "term":  # SIGTERM during the first save: the state of the completed steps is saved, exit 130
+        r = run("train.py", *args, cwd=world, fault=f"{fault}:train_state:1")
+        assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "interrupted: state after 3 steps saved" in r.stdout, r.stdout[-2000:]
     else:
         from run_with_fault import install
 
