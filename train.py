@@ -21,7 +21,18 @@ HELP = {
     "prompt": "run name: prefixes are saved as <outdir>/embeddings/<prompt>-<step>.pt/.safetensors",
     "train_method": "kept from the original command line; recorded in train_state.pt (only the prefix trains)",
     "start_guidance": "guidance scale of the DDIM samples drawn for general captions without images",
-    "negative_guidance": "g in the target eps_n - g * (sg(eps_p) - eps_n)",
+    "negative_guidance": "g in the target eps_n - g * (ref - eps_n). With --reference prefix (the original: ref = "
+    "sg(eps_p)) the gradient is (1 + g) times that of g = 0 and Adam ignores a constant factor, so every g > -1 "
+    "trains the same prefix (the loss scales by (1+g)^2; log.jsonl's 'gap' compares across g). With --reference "
+    "name, g pushes away from the named person",
+    "reference": "what g pushes away from: prefix = the detached prediction with the prefix (the original); name = "
+    "the prediction for the private prompt without the placeholder, i.e. the named person (ESD-style; one more "
+    "no-grad UNet pass)",
+    "no_phrase_prob": "probability that an identity prompt has no opening phrase (the original drew one of eight "
+    "strings, four of them empty: 0.5); otherwise 'A photo of ', 'A portrait of ', 'A close-up photo of ' or "
+    "'A close-up portrait of '",
+    "init": "start of the vectors: uniform = uniform [0, 1) (the original); normal = per-dimension mean and std of "
+    "the CLIP token embeddings (the scale of real words)",
     "iterations": "training steps",
     "lr": "Adam learning rate of the prefix",
     "config_path": "CompVis model config (configs/tiny/tiny-sd.yaml = random tiny model, no checkpoint needed)",

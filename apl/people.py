@@ -163,6 +163,10 @@ def compose_identity_prompts(
     return private, neutral
 
 
+# The original drew the prompt's opening phrase from eight strings, four of them empty: no phrase half the time.
+NO_PHRASE_PROB = 0.5
+
+
 def sample_identity_prompts(
     name: str,
     description: str,
@@ -170,11 +174,13 @@ def sample_identity_prompts(
     rng: random.Random,
     placeholder: str = "alz",
     id_target: str = "attributes",
+    no_phrase_prob: float = NO_PHRASE_PROB,
 ) -> tuple[str, str]:
-    """Draw a prefix (uniform over PREFIXES) and a template (a random line, or none with probability 0.5)."""
+    """Draw an opening phrase (none with probability `no_phrase_prob`, else one of the four of PREFIXES) and a
+    template (a random line, or none with probability 0.5)."""
     if id_target not in ID_TARGETS:
         raise ValueError(f"id_target must be one of {ID_TARGETS}, got {id_target!r}")
-    pre = rng.choice(PREFIXES)
+    pre = "" if rng.random() < no_phrase_prob else rng.choice([p for p in PREFIXES if p])
     post = rng.choice(templates) if templates and rng.random() < 0.5 else ""
     private, neutral = compose_identity_prompts(pre, name, post, description, placeholder)
     return private, ("" if id_target == "empty" else neutral)

@@ -21,6 +21,37 @@ import torch
 
 from ldm.util import staged
 
+REFERENCES = ("prefix", "name")
+
+
+def apl_terms(
+    model,
+    em,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    private: Sequence[str] | torch.Tensor,
+    neutral: Sequence[str] | torch.Tensor,
+    negative_guidance: float = 1.0,
+    reference: Sequence[str] | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample APL loss (B,) and the gap MSE(eps_p, eps_n) (B,), which does not depend on g.
+
+    One no-grad UNet pass on the neutral prompts, one grad pass with the prefix. The target pushes away from a
+    reference by g: without `reference`, the original's detached prediction with the prefix (target = eps_n -
+    g * (sg(eps_p) - eps_n); under Adam every g > -1 then trains the same prefix, see README); with `reference`
+    (the private prompts without the placeholder, i.e. the named person), ESD's choice: one more no-grad pass,
+    target = eps_n - g * (eps_ref - eps_n), so g pushes away from the identity. Prompts are strings or token ids
+    (B, 77) on the model's device."""
+    with torch.no_grad():
+        eps_n = model.apply_model(z_t, t, model.get_learned_conditioning(neutral)).float()
+        eps_r = None if reference is None else model.apply_model(z_t, t, model.get_learned_conditioning(reference))
+    eps_p = model.apply_model(z_t, t, model.get_learned_conditioning(private, embedding_manager=em)).float()
+    away = eps_p.detach() if eps_r is None else eps_r.float()
+    target = eps_n - negative_guidance * (away - eps_n)
+    loss = ((eps_p - target) ** 2).mean(dim=(1, 2, 3))
+    gap = ((eps_p.detach() - eps_n) ** 2).mean(dim=(1, 2, 3))
+    return loss, gap
+
 
 def apl_loss(
     model,
@@ -30,15 +61,10 @@ def apl_loss(
     private: Sequence[str] | torch.Tensor,
     neutral: Sequence[str] | torch.Tensor,
     negative_guidance: float = 1.0,
+    reference: Sequence[str] | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample APL loss (B,): one no-grad UNet pass on the neutral prompts, one grad pass with the prefix.
-
-    Prompts are strings or token ids (B, 77) on the model's device."""
-    with torch.no_grad():
-        eps_n = model.apply_model(z_t, t, model.get_learned_conditioning(neutral)).float()
-    eps_p = model.apply_model(z_t, t, model.get_learned_conditioning(private, embedding_manager=em)).float()
-    target = eps_n - negative_guidance * (eps_p.detach() - eps_n)
-    return ((eps_p - target) ** 2).mean(dim=(1, 2, 3))
+    """Per-sample APL loss (B,) of `apl_terms`."""
+    return apl_terms(model, em, z_t, t, private, neutral, negative_guidance, reference)[0]
 
 
 class StaticStep:
@@ -56,8 +82,11 @@ class StaticStep:
         graph: bool = False,
         warmup: int = 3,
         scaler: torch.amp.GradScaler | None = None,
+        reference: str = "prefix",
     ) -> None:
         device = model.device
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if graph and warmup < 1:  # lazy state (cuBLAS handles, the loss scale tensor) must exist before capture
             raise ValueError(f"a CUDA graph needs warmup >= 1 eager runs before capture; got {warmup}")
         if graph and device.type != "cuda":
@@ -71,7 +100,10 @@ class StaticStep:
         self.t = torch.zeros(batch, dtype=torch.long, device=device)
         self.private_ids = torch.zeros((batch, length), dtype=torch.long, device=device)
         self.neutral_ids = torch.zeros_like(self.private_ids)
+        # ESD-style reference: the private prompt without the placeholder (the named person), one more no-grad pass
+        self.reference_ids = torch.zeros_like(self.private_ids) if reference == "name" else None
         self.loss = torch.zeros(batch, device=device)
+        self.gap = torch.zeros(batch, device=device)  # MSE(eps_p, eps_n) per sample: comparable across g
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -82,30 +114,36 @@ class StaticStep:
         noise: torch.Tensor,
         private_ids: torch.Tensor,
         neutral_ids: torch.Tensor,
+        reference_ids: torch.Tensor | None = None,
     ) -> None:
         """Copy one step's inputs into the static buffers (non-blocking: no host sync)."""
-        for buf, value in (
-            (self.z0, z0), (self.t, t), (self.noise, noise), (self.private_ids, private_ids),
-            (self.neutral_ids, neutral_ids),
-        ):  # fmt: skip
+        if (reference_ids is None) != (self.reference_ids is None):
+            raise ValueError("StaticStep.load: reference_ids are needed exactly when the step uses reference='name'")
+        pairs = [(self.z0, z0), (self.t, t), (self.noise, noise), (self.private_ids, private_ids),
+                 (self.neutral_ids, neutral_ids)]  # fmt: skip
+        if reference_ids is not None:
+            pairs.append((self.reference_ids, reference_ids))
+        for buf, value in pairs:
             if value.shape != buf.shape:
                 raise ValueError(f"StaticStep.load: got shape {tuple(value.shape)}, the buffer is {tuple(buf.shape)}")
             buf.copy_(staged(value, buf.device), non_blocking=True)
 
-    def _body(self) -> torch.Tensor:
-        """The step's device work: per-sample loss (B,) after backward; gradients land in p.grad."""
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's device work: per-sample loss and gap (B,) after backward; gradients land in p.grad."""
         m = self.model
         z_t = m.q_sample(self.z0, self.t, self.noise)
-        loss = apl_loss(m, self.em, z_t, self.t, self.private_ids, self.neutral_ids, self.g)
+        loss, gap = apl_terms(m, self.em, z_t, self.t, self.private_ids, self.neutral_ids, self.g, self.reference_ids)
         # With a GradScaler (fp16) the backward runs on loss * scale: the gradients come out scaled. The scale is a
         # device tensor that the scaler updates in place, so a captured graph reads the current one on each replay.
         (loss.mean() if self.scaler is None else self.scaler.scale(loss.mean())).backward()
-        return loss.detach()
+        return loss.detach(), gap
 
     def _eager(self) -> None:
         for p in self.params:
             p.grad = None
-        self.loss.copy_(self._body())
+        loss, gap = self._body()
+        self.loss.copy_(loss)
+        self.gap.copy_(gap)
         for buf, p in zip(self.grads, self.params, strict=True):
             buf.copy_(p.grad)
 
@@ -120,7 +158,7 @@ class StaticStep:
             p.grad = None  # backward inside the capture then allocates the gradients from the graph's pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.loss = self._body()
+            self.loss, self.gap = self._body()
         self.grads = [p.grad for p in self.params]
         self.graph = graph
 

@@ -18,7 +18,7 @@ from apl.fingerprint import module_fingerprint
 from apl.generated import generate_general_latents
 from apl.images import SkipReport
 from apl.latent_cache import LatentCache
-from apl.people import PREFIXES, general_prompts, load_people, load_templates, sample_identity_prompts
+from apl.people import NO_PHRASE_PROB, PREFIXES, general_prompts, load_people, load_templates, sample_identity_prompts
 from apl.runtime import UsageError, shipped_file
 from ldm.util import to_device
 
@@ -64,6 +64,7 @@ class PlannedSample:
     index: int  # into face_* or general_*
     private: str  # prompt with the placeholder
     neutral: str  # the target prompt
+    reference: str  # the private prompt without the placeholder (the named person): the ESD-style reference
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -78,23 +79,25 @@ def plan_batch(
     id_ratio: float,
     placeholder: str = "alz",
     id_target: str = "attributes",
+    no_phrase_prob: float = NO_PHRASE_PROB,
 ) -> list[PlannedSample]:
     """The texts and sample indices of the whole (global) batch of one step."""
     rng = random.Random(f"apl-plan:{seed}:{step}")
     plan = []
+    lead = f"{placeholder} "
     for _ in range(global_batch):
         use_id = data.face_latents is not None and (data.general_latents is None or rng.random() < id_ratio)
         if use_id:
             i = rng.randrange(len(data.face_names))
             name = data.face_names[i]
             private, neutral = sample_identity_prompts(
-                name, data.people[name], data.templates, rng, placeholder, id_target
+                name, data.people[name], data.templates, rng, placeholder, id_target, no_phrase_prob
             )
-            plan.append(PlannedSample("id", i, private, neutral))
+            plan.append(PlannedSample("id", i, private, neutral, private.removeprefix(lead)))
         else:
             i = rng.randrange(len(data.general_captions))
             private, neutral = general_prompts(data.general_captions[i], placeholder)
-            plan.append(PlannedSample("general", i, private, neutral))
+            plan.append(PlannedSample("general", i, private, neutral, neutral))
     return plan
 
 

@@ -57,6 +57,9 @@ class TrainLog:
             pts = [(r["step"], r[kind]) for r in self.records if r.get(kind) is not None]
             if pts:
                 ax1.plot([s for s, _ in pts], _ema([v for _, v in pts]), color=color, lw=1, label=f"{kind} (EMA)")
+        gap = [(r["step"], r["gap"]) for r in self.records if r.get("gap") is not None]
+        if gap:  # MSE(eps_p, eps_n): the same scale whatever --negative_guidance is
+            ax1.plot([s for s, _ in gap], _ema([v for _, v in gap]), color="C1", lw=1, ls="--", label="gap (EMA)")
         ax1.set(xlabel="step", ylabel="MSE", title=title, yscale="log")
         ax1.legend(fontsize=8)
         for i, (lo, hi) in enumerate(BUCKETS):

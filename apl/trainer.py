@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from apl.fingerprint import module_fingerprint
 from apl.images import SkipReport
 from apl.io import atomic_save
+from apl.people import NO_PHRASE_PROB
 from apl.run_dir import (
     TRAJECTORY_SETTINGS,
     RunLock,
@@ -34,10 +35,10 @@ from apl.run_dir import (
     run_record,
 )
 from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, pick_dtype
-from apl.step import StaticStep
+from apl.step import REFERENCES, StaticStep
 from apl.train_data import DEFAULT_PROMPTS_FILE, clean_latents, plan_batch, prepare_data, step_noise
 from apl.train_log import TrainLog
-from ldm.modules.embedding_manager import check_vectors
+from ldm.modules.embedding_manager import INITS, check_vectors
 
 STATE_VERSION = 1
 
@@ -68,6 +69,8 @@ class TrainConfig:
     max_general: int | None = None
     id_ratio: float = 0.5
     id_target: str = "attributes"  # attributes | empty
+    no_phrase_prob: float = NO_PHRASE_PROB  # identity prompts without an opening phrase ("A photo of ", ...)
+    reference: str = "prefix"  # what g pushes away from: the prefix's own prediction (original) | the named person
     # --- run ---
     batch_size: int = 1  # per device
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16: frozen weights
@@ -79,6 +82,7 @@ class TrainConfig:
     resume: str | None = None  # path to train_state.pt, or "auto" (outdir/train_state.pt)
     num_vectors: int = 10
     placeholder: str = "alz"
+    init: str = "uniform"  # the prefix's start: uniform [0, 1) (original) | normal (token-embedding statistics)
     init_word: str | None = None
     cache_dir: str = "cache"
     gradient_checkpointing: bool = False
@@ -164,6 +168,18 @@ def _check_config(cfg: TrainConfig) -> None:
     _check_range("start_guidance", cfg.start_guidance, 0.0, 100.0, "classifier-free guidance scale")
     if not 0 <= cfg.seed < 2**32:
         raise UsageError(f"--seed {cfg.seed}: must be in [0, 2**32)")
+    _check_range("no_phrase_prob", cfg.no_phrase_prob, 0.0, 1.0, "the probability of no opening phrase")
+    if cfg.reference not in REFERENCES:
+        raise UsageError(f"--reference {cfg.reference!r}: choose {' or '.join(REFERENCES)}")
+    if cfg.reference == "name" and cfg.negative_guidance < 0:
+        raise UsageError(
+            f"--negative_guidance {cfg.negative_guidance} with --reference name would pull the prefix towards the "
+            "named person; use g >= 0"
+        )
+    if cfg.init not in INITS:
+        raise UsageError(f"--init {cfg.init!r}: choose {' or '.join(INITS)}")
+    if cfg.init_word and cfg.init != "uniform":
+        raise UsageError("--init_word and --init exclude each other: the word's embedding is the start")
     if cfg.id_target not in ("attributes", "empty"):
         raise UsageError(f"--id_target {cfg.id_target!r}: choose attributes or empty")
     if cfg.general_source not in ("auto", "images", "generated"):
@@ -315,7 +331,7 @@ def _check_window(window: list, last_good: list, last_good_step: int) -> tuple[l
 
     The last good prefix is the one the last finite step of the window ran with (its loss was finite)."""
     flags = torch.stack([w[4] for w in window]).cpu().tolist()
-    for (step, _, t_all, all_loss, _, before), ok in zip(window, flags, strict=True):
+    for (step, _, t_all, all_loss, _, before, _), ok in zip(window, flags, strict=True):
         if not ok:
             raise NonFiniteLoss(
                 f"loss or gradient became non-finite at step {step + 1} "
@@ -330,12 +346,15 @@ def _check_window(window: list, last_good: list, last_good_step: int) -> tuple[l
 def _log_window(window: list, log: TrainLog, bar, opt, G: int, seconds: float) -> None:
     """Write the window's per-step records and advance the progress bar."""
     losses = torch.stack([w[3] for w in window]).float().cpu()  # (k, G)
+    gaps = torch.stack([w[6] for w in window]).float().cpu()  # (k, G)
     sps = G * len(window) / max(seconds, 1e-9)
-    for (step, plan, t_all, *_), all_loss in zip(window, losses, strict=True):
+    for (step, plan, t_all, *_), all_loss, all_gap in zip(window, losses, gaps, strict=True):
         kinds = [p.kind for p in plan]
         rec = {
             "step": step + 1,
             "loss": float(all_loss.mean()),
+            # MSE(eps_p, eps_n): what the prefix still changes; unlike the loss it does not scale with g
+            "gap": float(all_gap.mean()),
             "samples_per_s": round(sps, 3),
             "t": t_all.tolist(),
             "sample_loss": [round(float(v), 6) for v in all_loss],
@@ -345,6 +364,8 @@ def _log_window(window: list, log: TrainLog, bar, opt, G: int, seconds: float) -
         for kind in ("id", "general"):
             v = [float(l_) for l_, k in zip(all_loss, kinds, strict=True) if k == kind]
             rec[f"loss_{kind}"] = sum(v) / len(v) if v else None
+            v = [float(g_) for g_, k in zip(all_gap, kinds, strict=True) if k == kind]
+            rec[f"gap_{kind}"] = sum(v) / len(v) if v else None
         log.add(rec)
     bar.set_postfix(loss=f"{float(losses[-1].mean()):.4g}", samples_s=f"{sps:.2f}")
     bar.update(len(window))
@@ -479,6 +500,7 @@ def _train(cfg: TrainConfig, fabric) -> Path:
         cfg.num_vectors,
         [cfg.init_word] if cfg.init_word else None,
         generator=torch.Generator().manual_seed(cfg.seed),
+        init=cfg.init,
     ).to(device)
     with torch.no_grad():  # the seeded init is the same everywhere; rank 0's copy makes sure of it
         for p in em.embedding_parameters():
@@ -521,7 +543,9 @@ def _train(cfg: TrainConfig, fabric) -> Path:
     shape = (model.channels, cfg.image_size // 8, cfg.image_size // 8)
     # The step's device work (text encoding, two UNet passes, loss, backward) on static buffers; with --cuda_graph
     # it is captured once and replayed. Token ids: the tokenizer caches whole prompts, so a step rarely runs BPE.
-    device_step = StaticStep(model, em, B, shape, cfg.negative_guidance, graph=cfg.cuda_graph, scaler=scaler)
+    device_step = StaticStep(
+        model, em, B, shape, cfg.negative_guidance, graph=cfg.cuda_graph, scaler=scaler, reference=cfg.reference
+    )
     tokenize = model.cond_stage_model.tokenizer
     bar = tqdm(total=cfg.iterations, initial=start, desc="APL", unit="step", disable=not (rank0 and cfg.progress))
     # The prefix that last gave a finite loss, and its number of completed steps (restored on a NaN/inf).
@@ -547,18 +571,22 @@ def _train(cfg: TrainConfig, fabric) -> Path:
     try:
         try:
             for step in range(start, cfg.iterations):
-                plan = plan_batch(data, step, cfg.seed, G, cfg.id_ratio, cfg.placeholder, cfg.id_target)
+                plan = plan_batch(
+                    data, step, cfg.seed, G, cfg.id_ratio, cfg.placeholder, cfg.id_target, cfg.no_phrase_prob
+                )
                 t_all, noise_all, vae_noise_all = step_noise(cfg.seed, step, G, shape, model.num_timesteps)
                 mine = slice(rank * B, (rank + 1) * B)
                 mplan = plan[mine]
                 z0 = clean_latents(data, mplan, vae_noise_all[mine], model.scale_factor)
                 private_ids, neutral_ids = tokenize([p.private for p in mplan]), tokenize([p.neutral for p in mplan])
-                device_step.load(z0, t_all[mine], noise_all[mine], private_ids, neutral_ids)
+                reference_ids = tokenize([p.reference for p in mplan]) if cfg.reference == "name" else None
+                device_step.load(z0, t_all[mine], noise_all[mine], private_ids, neutral_ids, reference_ids)
                 static_loss, static_grads = device_step.run()  # overwritten by the next run: clone what is kept
                 for p, grad in zip(em.embedding_parameters(), static_grads, strict=True):
                     p.grad = _mean_across_ranks(grad, world)  # in place on the static gradient: used up below
                 # Everything below stays on the device until the next check: no host sync inside a window.
                 all_loss = _gather_ranks(static_loss.clone(), world)  # (G,) in plan order
+                all_gap = _gather_ranks(device_step.gap.clone(), world)
                 checks = [torch.isfinite(all_loss).all()]
                 if scaler is None:  # with loss scaling, an overflowing gradient only skips the step (below)
                     checks += [torch.isfinite(p.grad).all() for p in em.embedding_parameters()]
@@ -573,7 +601,7 @@ def _train(cfg: TrainConfig, fabric) -> Path:
                     scale = scaler.get_scale()
                     skipped += scale < old_scale
                 completed = step + 1
-                window.append((step, plan, t_all, all_loss, finite, before))
+                window.append((step, plan, t_all, all_loss, finite, before, all_gap))
                 if scaler is not None and scale < 1.0:
                     raise NonFiniteLoss(
                         f"fp16 gradients overflowed at every loss scale down to {scale:g} "

@@ -412,3 +412,17 @@ def test_broken_vectors_are_refused_when_read_and_when_written(embedder, em, tmp
     torch.save({"<alz>": bad.to(torch.int8)}, tmp_path / "int.bin")
     with pytest.raises(EmbeddingFileError, match="not a float tensor"):
         read_embedding_file(tmp_path / "int.bin")
+
+
+def test_normal_init_has_the_scale_of_token_embeddings(embedder):
+    """--init normal starts at the per-dimension mean and spread of the CLIP token embeddings (seeded)."""
+    table = embedder.transformer.text_model.embeddings.token_embedding.weight.detach()
+    make = lambda seed: EmbeddingManager(  # noqa: E731
+        embedder, ["alz"], 64, generator=torch.Generator().manual_seed(seed), init="normal"
+    ).string_to_param_dict["alz"].detach()
+    v = make(0)
+    assert torch.equal(v, make(0)) and not torch.equal(v, make(1))
+    torch.testing.assert_close(v.mean(0), table.mean(0), atol=4 * float(table.std(0).max()) / 8, rtol=0)
+    assert 0.7 < float(v.std(0).mean() / table.std(0).mean()) < 1.3
+    with pytest.raises(ValueError, match="init must be one of"):
+        EmbeddingManager(embedder, ["alz"], 4, init="zeros")

@@ -222,3 +222,56 @@ def test_q_sample_closed_form(tiny_model):
     t = torch.tensor([0, 500, 999])
     ac = tiny_model.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(tiny_model.q_sample(x0, t, noise), ac.sqrt() * x0 + (1 - ac).sqrt() * noise)
+
+
+def test_gap_does_not_depend_on_g_and_the_name_reference_changes_the_direction(strong_tiny_model):
+    """apl_terms' gap is MSE(eps_p, eps_n) for every g (what log.jsonl's 'gap' compares across runs). With the
+    original reference only the gradient's length depends on g (Adam ignores it); with reference='name' (the
+    prompt without the placeholder, ESD-style) the target is eps_n - g (eps_name - eps_n) and g turns the gradient."""
+    from apl.step import apl_terms
+
+    m = strong_tiny_model
+    em = EmbeddingManager(m.cond_stage_model, ["alz"], 4, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 700])
+    named = [p.removeprefix("alz ") for p in PRIVATE]
+
+    def grad_and_terms(g, reference=None):
+        em.zero_grad(set_to_none=True)
+        loss, gap = apl_terms(m, em, z, t, PRIVATE, NEUTRAL, g, reference)
+        loss.mean().backward()
+        return em.embedding_parameters()[0].grad.flatten().clone(), loss.detach(), gap
+
+    g0, loss0, gap0 = grad_and_terms(0.0)
+    g3, loss3, gap3 = grad_and_terms(3.0)
+    torch.testing.assert_close(gap0, gap3)
+    torch.testing.assert_close(loss3, 16 * gap0, rtol=1e-5, atol=0)
+    assert torch.nn.functional.cosine_similarity(g0, g3, dim=0) > 0.9999
+    n0, _, gap_n = grad_and_terms(0.0, named)
+    n3, loss_n3, _ = grad_and_terms(3.0, named)
+    torch.testing.assert_close(gap_n, gap0)  # the gap is the same quantity whatever the reference
+    torch.testing.assert_close(n0, g0)  # g = 0: both references give the plain MSE to eps_n
+    assert torch.nn.functional.cosine_similarity(n0, n3, dim=0) < 0.999  # g now changes where the prefix goes
+    with torch.no_grad():
+        eps_n = m.apply_model(z, t, m.get_learned_conditioning(NEUTRAL))
+        eps_r = m.apply_model(z, t, m.get_learned_conditioning(named))
+        eps_p = m.apply_model(z, t, m.get_learned_conditioning(PRIVATE, embedding_manager=em))
+    target = eps_n - 3.0 * (eps_r - eps_n)
+    torch.testing.assert_close(loss_n3, ((eps_p - target) ** 2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-7)
+
+
+def test_static_step_with_the_name_reference_equals_apl_terms(tiny_model):
+    from apl.step import apl_terms
+
+    em = _em(tiny_model)
+    step = StaticStep(tiny_model, em, 2, (tiny_model.channels, 8, 8), negative_guidance=2.0, reference="name")
+    tok = tiny_model.cond_stage_model.tokenizer
+    named = [p.removeprefix("alz ") for p in PRIVATE]
+    z0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    with pytest.raises(ValueError, match="reference_ids are needed"):
+        step.load(z0, t, noise, tok(PRIVATE), tok(NEUTRAL))
+    step.load(z0, t, noise, tok(PRIVATE), tok(NEUTRAL), tok(named))
+    loss, grads = step.run()
+    ref, gap = apl_terms(tiny_model, em, tiny_model.q_sample(z0, t, noise), t, PRIVATE, NEUTRAL, 2.0, named)
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(step.gap, gap)

@@ -332,14 +332,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_prefix(tmp_path, capsys, 
     import apl.step as step
 
     _faces(tmp_path / "faces")
-    real, calls = step.apl_loss, {"n": 0}
+    real, calls = step.apl_terms, {"n": 0}
 
     def loss_that_breaks(*a, **kw):
         calls["n"] += 1
-        out = real(*a, **kw)
-        return out * float("nan") if calls["n"] == 3 else out
+        loss, gap = real(*a, **kw)
+        return (loss * float("nan"), gap) if calls["n"] == 3 else (loss, gap)
 
-    monkeypatch.setattr(step, "apl_loss", loss_that_breaks)
+    monkeypatch.setattr(step, "apl_terms", loss_that_breaks)
     args = _args(tmp_path, "nan", "--iterations", "5", "--save_every", "1", "--log_every", log_every)
     assert train_script.main(args) == 2
     err = capsys.readouterr().err

@@ -49,3 +49,35 @@ def test_clean_latents_reparameterisation():
     torch.testing.assert_close(z[0], 0.18215 * (mean[2] + 2.0 * eps[0]))
     torch.testing.assert_close(z[2], 0.18215 * (mean[0] + 2.0 * eps[2]))
     torch.testing.assert_close(z[1], data.general_latents[4])
+
+
+def test_no_phrase_probability_and_the_name_reference():
+    """Identity prompts open without a phrase with probability --no_phrase_prob (the original: 4 of 8 strings
+    empty, 0.5); the ESD-style reference is the private prompt without the placeholder, the caption for general."""
+    data = _data()
+    for p in (0.0, 0.5, 1.0):
+        ids = [s for step in range(300) for s in plan_batch(data, step, 1, 8, 1.0, no_phrase_prob=p)]
+        bare = sum(s.private.startswith(("alz Tom Hanks", "alz Emma Watson")) for s in ids) / len(ids)
+        assert abs(bare - p) < 0.05, (p, bare)
+    for s in plan_batch(data, 0, 1, 16, 0.5):
+        want = s.private.removeprefix("alz ") if s.kind == "id" else s.neutral
+        assert s.reference == want and "alz" not in s.reference
+
+
+def test_make_room_for_prefix_cuts_long_captions_and_refuses_long_identity_prompts():
+    import pytest
+
+    from apl.datasets import GeneralSample
+    from apl.runtime import UsageError
+    from apl.train_data import make_room_for_prefix
+    from ldm.modules.encoders.tokenizer import CLIPTokenizer
+
+    tok = CLIPTokenizer()
+    long = " ".join(f"word{i}" for i in range(80))
+    general = [GeneralSample(None, "a red car"), GeneralSample(None, long)]
+    fitted, notes = make_room_for_prefix(general, {"Tom Hanks": "A male person."}, ["in a park"], tok, 10)
+    assert fitted[0].caption == "a red car" and long.startswith(fitted[1].caption)
+    assert len(tok.encode(fitted[1].caption)) <= 65 < len(tok.encode(fitted[1].caption + " word99"))
+    assert len(notes) == 1 and "1 general caption(s)" in notes[0]
+    with pytest.raises(UsageError, match="identity prompt"):
+        make_room_for_prefix([], {"Tom Hanks": "A male person."}, [long], tok, 10)

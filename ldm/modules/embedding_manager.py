@@ -38,6 +38,9 @@ class EmbeddingFileError(ValueError):
     """An embedding file APL cannot use; the message names the file, what is wrong and what to do."""
 
 
+INITS = ("uniform", "normal")  # how new vectors start: the original's uniform [0, 1), or token-embedding statistics
+
+
 class PromptTooLong(ValueError):
     """A prompt that does not fit CLIP's 77 positions once the placeholder is expanded into its vectors."""
 
@@ -301,6 +304,7 @@ class EmbeddingManager(nn.Module):
         num_vectors_per_token: int = 10,
         initializer_words: Sequence[str] | None = None,
         generator: torch.Generator | None = None,
+        init: str = "uniform",
         **kwargs,
     ) -> None:
         super().__init__()
@@ -332,9 +336,16 @@ class EmbeddingManager(nn.Module):
                 raise ValueError(f"EmbeddingManager: placeholders {placeholder_strings} share token id {token}.")
             if initializer_words and i < len(initializer_words):
                 vectors = self._word_vectors(initializer_words[i], token_embedding)
-            else:
+            elif init == "normal":
+                # At the scale of real token embeddings: per-dimension mean and spread of the vocabulary's vectors.
+                table = token_embedding.weight.detach().float()
+                noise = torch.randn(num_vectors_per_token, self.token_dim, generator=generator)
+                vectors = (table.mean(0).cpu() + table.std(0).cpu() * noise).float()
+            elif init == "uniform":
                 # As the original: uniform [0, 1), float32; the global RNG unless a generator is given.
                 vectors = torch.rand(num_vectors_per_token, self.token_dim, generator=generator)
+            else:
+                raise ValueError(f"EmbeddingManager: init must be one of {INITS}, got {init!r}.")
             self.string_to_token_dict[placeholder] = token
             self.string_to_param_dict[placeholder] = nn.Parameter(vectors.to(token_embedding.weight.device))
 
