@@ -103,6 +103,17 @@ def check_outdir(outdir: Path, prompt: str, resume: str | None, start_over: bool
     )
 
 
+def check_foreign_resume(outdir: Path, prompt: str, state_path: Path) -> str | None:
+    """A state from another folder may start a run only in a folder without a run of its own (or the two runs'
+    logs and prefixes would mix); returns the reason to refuse."""
+    if state_path.resolve() == (outdir / STATE_FILE).resolve() or not run_files(outdir, prompt):
+        return None
+    return (
+        f"{outdir} already holds a training run ({describe_run(outdir, prompt)}); continuing {state_path} there "
+        "would mix the two runs' logs and prefixes. Choose an empty --outdir, or --resume auto to continue that run"
+    )
+
+
 def move_run_aside(outdir: Path, prompt: str) -> Path | None:
     """Move the run's files to `<outdir>/previous-runs/<time>/` (same layout); returns that folder (None: nothing)."""
     files = run_files(outdir, prompt)

@@ -25,6 +25,7 @@ from apl.people import NO_PHRASE_PROB
 from apl.run_dir import (
     TRAJECTORY_SETTINGS,
     RunLock,
+    check_foreign_resume,
     check_outdir,
     describe_run,
     move_run_aside,
@@ -480,6 +481,9 @@ def _train(cfg: TrainConfig, fabric) -> Path:
     state = None
     if resume_path is not None:  # settings first: a wrong --resume fails before any model or data is loaded
         state = read_state(resume_path)
+        foreign = check_foreign_resume(Path(cfg.outdir), cfg.prompt, resume_path)
+        if foreign:
+            raise UsageError(foreign)
         check_state(state, resume_path, cfg, fabric.world_size, precision)
     elif cfg.resume and fabric.is_global_zero:
         print(f"--resume auto: no earlier run in {cfg.outdir}; starting a new one")

@@ -248,6 +248,10 @@ def test_a_run_is_never_overwritten_or_mixed(world, uninterrupted, capsys):
     args = train_args(world, "ref", "--iterations", "9", "--resume", "auto", faces="faces_other")
     assert_clear_error(call("train.py", *args, capsys=capsys), "train.py",
                        "--face_dir (another face set: 6 images of 2 people", "4 of 2")  # fmt: skip
+    # A state from another folder, continued into a folder that holds a run, would mix the two runs.
+    shutil.copytree(ref, world / "foreign")
+    args = train_args(world, "foreign", "--iterations", "9", "--resume", str(ref / "train_state.pt"))
+    assert_clear_error(call("train.py", *args, capsys=capsys), "train.py", "would mix the two runs")
     # The lock: while another process holds it, a second run is refused (the OS frees it if that process dies).
     fd = os.open(ref / ".train.lock", os.O_RDWR | os.O_CREAT)
     try:
