@@ -9,6 +9,7 @@ Only the prefix is trained (Adam). Data parallelism: Lightning Fabric processes,
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -142,6 +143,12 @@ def make_fabric(cfg: TrainConfig):
     from lightning.fabric import Fabric
 
     accel, devices = _parse_devices(cfg)
+    launched = any(k in os.environ for k in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    if cfg.num_nodes > 1 and not launched:  # without a launcher, rank 0 would wait for the other nodes forever
+        raise UsageError(
+            f"--num_nodes {cfg.num_nodes} needs a multi-node launcher that starts one process per node and sets "
+            "WORLD_SIZE/RANK/MASTER_ADDR (torchrun --nnodes, or SLURM's srun); none is set here"
+        )
     n = len(devices) if isinstance(devices, list) else devices
     strategy = "ddp" if n * cfg.num_nodes > 1 else "auto"
     return Fabric(accelerator=accel, devices=devices, strategy=strategy, num_nodes=cfg.num_nodes, precision="32-true")

@@ -174,6 +174,8 @@ def _cases(w: Path) -> list[Case]:
         Case("--devices 0,1 without CUDA", "train.py", tr("--devices", "0,1"), ("no CUDA GPU",)),
         Case("--accelerator cpu --devices 2", "train.py", tr("--accelerator", "cpu", "--devices", "2"),
              ("--accelerator cpu is set", "--cpu_processes N")),
+        Case("--num_nodes 2 without a launcher (would wait forever)", "train.py", tr("--num_nodes", "2"),
+             ("needs a multi-node launcher", "torchrun")),
         # 8. prompts cut by the prefix
         Case("prompt too long for the prefix", "sample.py",
              [*smp, "--embedding", f"{s}/tiny.safetensors", "--prompt", long_prompt],
