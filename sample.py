@@ -11,6 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from apl.eval.quality import has_placeholder
 from apl.people import load_prompts
 from apl.runtime import (
     DEFAULT_CKPT,
@@ -86,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             from ldm.modules.embedding_manager import EmbeddingManager
 
             em = EmbeddingManager.from_file(model.cond_stage_model, args.embedding).to(device)
+            words = list(em.string_to_token_dict)
+            if not any(has_placeholder(p, w) for p in prompts for w in words):
+                raise UsageError(
+                    f"--embedding {args.embedding} is given but no prompt contains its placeholder "
+                    f"{' or '.join(map(repr, words))}, so the prefix would change nothing; write it in front, e.g. "
+                    f"--prompt '{words[0]} {prompts[0]}'"
+                )
         size = model.image_size * 8
         all_prompts = [p for p in prompts for _ in range(args.n_samples)]
         seeds = [args.seed + i for i in range(len(all_prompts))]
@@ -117,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (UsageError, CheckpointError, ConfigError, OSError, ValueError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(f"sample.py: error: out of memory at --batch_size {args.batch_size}; lower it", file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,8 @@ import argparse
 import sys
 from dataclasses import fields
 
+import torch
+
 from apl.images import ImageError
 from apl.runtime import UsageError
 from apl.trainer import TrainConfig, train
@@ -110,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (UsageError, CheckpointError, ConfigError, ImageError, ValueError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(
+            f"train.py: error: out of memory at --batch_size {args.batch_size}; lower it, or add "
+            "--gradient_checkpointing (the state of the last --save_every step is kept for --resume auto)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -176,6 +176,9 @@ def _cases(w: Path) -> list[Case]:
              ("--accelerator cpu is set", "--cpu_processes N")),
         Case("--num_nodes 2 without a launcher (would wait forever)", "train.py", tr("--num_nodes", "2"),
              ("needs a multi-node launcher", "torchrun")),
+        Case("--embedding but no prompt has alz (the prefix would change nothing)", "sample.py",
+             [*smp, "--embedding", f"{s}/tiny.safetensors", "--prompt", "A portrait of Tom Hanks"],
+             ("no prompt contains its placeholder 'alz'", "--prompt 'alz A portrait of Tom Hanks'")),
         # 8. prompts cut by the prefix
         Case("prompt too long for the prefix", "sample.py",
              [*smp, "--embedding", f"{s}/tiny.safetensors", "--prompt", long_prompt],
