@@ -10,10 +10,9 @@ import copy
 
 import pytest
 import torch
-from conftest import ROOT, randomize_
+from conftest import ROOT, TINY_SDXL_CONFIG
 
 from ldm.checkpoint import build_model
-from ldm.models.diffusion.sdxl import DiffusionEngine
 from ldm.modules.encoders.conditioner import ConcatTimestepEmbedderND
 from ldm.sampling import decode_to_images, txt2img_latents
 from ldm.util import load_config
@@ -21,7 +20,6 @@ from ldm.util import load_config
 pipelines = pytest.importorskip("bench.pipelines")
 
 SDXL_CONFIG = ROOT / "configs" / "sdxl" / "sd_xl_base.yaml"
-TINY_SDXL = ROOT / "configs" / "tiny" / "tiny-sdxl.yaml"
 TOL = 1e-4
 # No '!' here: diffusers' tokenizer_2 turns it into its pad token (id 0), open_clip and SGM into '!</w>' (256), and we
 # follow open_clip (diffusers issue #4153; test_openclip_matches_open_clip checks our side).
@@ -113,7 +111,7 @@ def test_openclip_layout_is_open_clips_vit_bigg():
 
 def test_stability_config_names_build_the_same_model():
     """Stability's sd_xl_base.yaml names its classes `sgm.*`; they resolve to the same classes and key layout."""
-    ours = load_config(TINY_SDXL)
+    ours = load_config(TINY_SDXL_CONFIG)
     sgm = copy.deepcopy(ours)
     p = sgm["model"]["params"]
     sgm["model"]["target"] = "sgm.models.diffusion.DiffusionEngine"
@@ -125,18 +123,6 @@ def test_stability_config_names_build_the_same_model():
         entry["target"] = f"sgm.modules.encoders.modules.{name}"
     a, b = (build_model(c, "meta").state_dict() for c in (ours, sgm))
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_config() -> dict:
-    return load_config(TINY_SDXL)
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tiny_sdxl_config) -> DiffusionEngine:
-    torch.manual_seed(0)
-    # std 0.1: at 0.05 the context and y move this deeper UNet by only ~1e-3, too little for a 1e-4 comparison.
-    return randomize_(build_model(copy.deepcopy(tiny_sdxl_config)), std=0.1).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +276,38 @@ def test_prefix_hooks_reach_both_encoders(tiny_sdxl):
     torch.testing.assert_close(hooked["vector"][0, :40], pooled_ref, rtol=0, atol=1e-5)
     with pytest.raises(TypeError, match="one hook per"):
         tiny_sdxl.get_learned_conditioning(prompts, embedding_manager=hooks[0])
+
+
+# ------------------------------------------------------------------------------------------ single-file checkpoints
+def test_sdxl_checkpoint_round_trip_with_the_extras_of_real_files(tmp_path, tiny_sdxl, tiny_sdxl_config):
+    """SGM files carry no schedule buffers; sd_xl_base_1.0 adds position_ids and OpenCLIP's logit_scale."""
+    from safetensors.torch import save_file
+
+    from ldm.checkpoint import load_model, save_checkpoint
+
+    sd = tiny_sdxl.state_dict()
+    assert not any(k in sd for k in ("betas", "alphas_cumprod"))
+    path = tmp_path / "xl.safetensors"
+    save_checkpoint(tiny_sdxl, path, dtype=torch.float16)
+    back = load_model(tiny_sdxl_config, path)
+    assert all(torch.equal(v, sd[k].half().float()) for k, v in back.state_dict().items())
+    assert torch.equal(back.alphas_cumprod, tiny_sdxl.alphas_cumprod)  # rebuilt from the config
+    extras = {
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+        "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6055),
+    }
+    save_file({k: v.contiguous() for k, v in sd.items()} | extras, str(path))
+    load_model(tiny_sdxl_config, path)
+
+
+def test_a_file_of_the_other_family_names_the_config(tmp_path, tiny_sdxl, tiny_sdxl_config, tiny_model, tiny_config):
+    from ldm.checkpoint import CheckpointError, load_model, save_checkpoint
+
+    save_checkpoint(tiny_sdxl, tmp_path / "xl.safetensors")
+    save_checkpoint(tiny_model, tmp_path / "v1.safetensors")
+    with pytest.raises(CheckpointError, match=r"xl\.safetensors .*SDXL checkpoint: load it with --config_path "
+                                              r"configs/sdxl/sd_xl_base\.yaml"):
+        load_model(tiny_config, tmp_path / "xl.safetensors")
+    with pytest.raises(CheckpointError, match=r"v1\.safetensors .*SD v1\.x checkpoint: load it with --config_path "
+                                              r"configs/stable-diffusion/v1-inference\.yaml"):
+        load_model(tiny_sdxl_config, tmp_path / "v1.safetensors")
