@@ -130,3 +130,32 @@ def test_bad_folders_get_one_clear_message(folders, tmp_path):
     (folder / "model_index.json").unlink()
     with pytest.raises(CheckpointError, match="has no model_index.json"):
         load_model(config, folder)
+
+
+@pytest.mark.parametrize("family", ["v1", "sdxl"])
+def test_names_fit_full_size_diffusers_models(family, sd_config):
+    """The name rules at full size, with no weights: the tensors of diffusers' and transformers' own models (built
+    on meta, SD v1.5 / SDXL base configs) map onto every key of our full-size model with the right shapes."""
+    from conftest import ROOT
+    from test_sdxl import SDXL_BASE_UNET
+
+    from ldm.checkpoint import build_model
+    from ldm.diffusers_folder import _components, _normalise, map_component
+    from ldm.util import load_config
+
+    config = sd_config if family == "v1" else load_config(ROOT / "configs" / "sdxl" / "sd_xl_base.yaml")
+    model = build_model(config, "meta")
+    sd = model.state_dict()
+    if family == "v1":
+        refs = {"unet": pipelines.diffusers_unet(config, sd, "meta"),
+                "text_encoder": pipelines.hf_text_model(config, sd, "meta")}
+    else:
+        refs = {"unet": pipelines.diffusers_sdxl_unet(config, sd, "meta", unet_config=SDXL_BASE_UNET),
+                "text_encoder": pipelines.hf_clip_l(config, sd, "meta"),
+                "text_encoder_2": pipelines.hf_clip_g(config, sd, "meta")}
+    refs["vae"] = pipelines.diffusers_vae(config, sd, "meta")
+    parts = _components(model)
+    assert sorted(folder for folder, *_ in parts) == sorted(refs)
+    for folder, prefix, module, names in parts:
+        mapped = map_component(_normalise(refs[folder].state_dict(), folder), names(module), module, folder)
+        assert {prefix + k for k in mapped} == {k for k in sd if k.startswith(prefix)}
