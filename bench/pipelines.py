@@ -32,6 +32,24 @@ from bench.baselines import SD_SCHEDULE, _load, diffusers_unet, diffusers_vae, h
 SDXL_PREFIX_L = "conditioner.embedders.0.transformer."
 SDXL_PREFIX_G = "conditioner.embedders.1.model."
 
+# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0: the values that shape the network.
+SDXL_BASE_UNET = {  # the independent reference of the full-size layout test
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],
+    "use_linear_projection": True,
+    "transformer_layers_per_block": [1, 2, 10],
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
 
 def _params(config: Mapping, *path: str) -> dict:
     node = config["model"]["params"]

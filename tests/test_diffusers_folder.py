@@ -137,7 +137,6 @@ def test_names_fit_full_size_diffusers_models(family, sd_config):
     """The name rules at full size, with no weights: the tensors of diffusers' and transformers' own models (built
     on meta, SD v1.5 / SDXL base configs) map onto every key of our full-size model with the right shapes."""
     from conftest import ROOT
-    from test_sdxl import SDXL_BASE_UNET
 
     from ldm.checkpoint import build_model
     from ldm.diffusers_folder import _components, _normalise, map_component
@@ -150,7 +149,7 @@ def test_names_fit_full_size_diffusers_models(family, sd_config):
         refs = {"unet": pipelines.diffusers_unet(config, sd, "meta"),
                 "text_encoder": pipelines.hf_text_model(config, sd, "meta")}
     else:
-        refs = {"unet": pipelines.diffusers_sdxl_unet(config, sd, "meta", unet_config=SDXL_BASE_UNET),
+        refs = {"unet": pipelines.diffusers_sdxl_unet(config, sd, "meta", unet_config=pipelines.SDXL_BASE_UNET),
                 "text_encoder": pipelines.hf_clip_l(config, sd, "meta"),
                 "text_encoder_2": pipelines.hf_clip_g(config, sd, "meta")}
     refs["vae"] = pipelines.diffusers_vae(config, sd, "meta")

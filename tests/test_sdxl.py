@@ -25,23 +25,6 @@ TOL = 1e-4
 # follow open_clip (diffusers issue #4153; test_openclip_matches_open_clip checks our side).
 PROMPTS = ["A close-up portrait of alz, studio light", "a dog on the beach, at noon"]
 
-# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 (the values that shape the network).
-SDXL_BASE_UNET = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 2048,
-    "attention_head_dim": [5, 10, 20],
-    "use_linear_projection": True,
-    "transformer_layers_per_block": [1, 2, 10],
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
 
 
 def _numel(sd, prefix: str) -> int:
@@ -77,8 +60,8 @@ def test_full_size_layout_is_sdxl_base():
                    for k in sd)
     assert sum(k.startswith("conditioner.embedders.1.model.transformer.resblocks.") for k in sd) == 32 * 12
 
-    assert pipelines.sdxl_unet_config(config) == SDXL_BASE_UNET  # our values say what SDXL base's config says
-    unet = pipelines.diffusers_sdxl_unet(config, sd, "meta", unet_config=SDXL_BASE_UNET)
+    assert pipelines.sdxl_unet_config(config) == pipelines.SDXL_BASE_UNET  # our values = SDXL base's config
+    unet = pipelines.diffusers_sdxl_unet(config, sd, "meta", unet_config=pipelines.SDXL_BASE_UNET)
     vae = pipelines.diffusers_vae(config, sd, "meta")
     clip_l = pipelines.hf_clip_l(config, sd, "meta")
     clip_g = pipelines.hf_clip_g(config, sd, "meta")
