@@ -1,4 +1,5 @@
-"""Reading, checking and writing SD v1 checkpoints (`.ckpt`/`.pt` and `.safetensors`), with no unsafe unpickling.
+"""Reading, checking and writing SD v1 / SDXL checkpoints (`.ckpt`/`.pt`, `.safetensors`, diffusers folders), with no
+unsafe unpickling.
 
 The module tree of `LatentDiffusion` *is* the checkpoint layout, so loading is a strict key/shape comparison
 followed by `load_state_dict(assign=True)` into a model built on the `meta` device (no double allocation).
@@ -26,13 +27,17 @@ from ldm.util import (
     read_pickled_weights,
 )
 
-# Keys that real SD v1 files carry beyond the model's tensors; tolerated by name, never loaded.
+# Keys that real SD v1 / SDXL files carry beyond the model's tensors; tolerated by name, never loaded.
 TOLERATED = (
     re.compile(r"^model_ema\."),
     re.compile(r"(^|\.)position_ids$"),
     re.compile(r"^logvar$"),
     re.compile(r"^lvlb_weights$"),
+    re.compile(r"^conditioner\.embedders\.\d+\.model\.logit_scale$"),  # OpenCLIP's image-text scale, no text role
+    re.compile(r"^denoiser\.sigmas$"),  # SGM's schedule as sigmas, in some SGM-trained files
 )
+SD_CONFIG_HINT = "configs/stable-diffusion/v1-inference.yaml"
+SDXL_CONFIG_HINT = "configs/sdxl/sd_xl_base.yaml"
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -83,8 +88,8 @@ def _check_path(path: Path) -> None:
     if path.is_dir():
         if (path / "model_index.json").exists() or (path / "unet").is_dir():
             raise CheckpointError(
-                f"{path} is a diffusers model folder; APL reads single-file SD v1 checkpoints "
-                "(.ckpt or .safetensors, e.g. v1-5-pruned-emaonly.ckpt)."
+                f"{path} is a diffusers model folder: load it with load_model(config, folder) (scripts: --ckpt_path), "
+                "which maps its diffusers names onto the config's model; read_state_dict reads single files."
             )
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .ckpt/.safetensors file itself.")
     if not path.exists():
@@ -141,34 +146,54 @@ def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def guess_cause(keys: set[str], shape_of: Mapping[str, tuple] | None = None) -> str:
-    """A human guess of what kind of file this is, from its key names."""
-    shape_of = shape_of or {}
+def _family(keys: set[str]) -> str | None:
+    """'sdxl', 'sdxl-refiner' or 'v1' from a checkpoint's (or a model's) key names; None if neither."""
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl-refiner"  # its only text encoder is OpenCLIP ViT-bigG
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "this looks like an SDXL checkpoint; APL needs Stable Diffusion v1.x."
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "v1"
+    return None
+
+
+def guess_cause(keys: set[str], shape_of: Mapping[str, tuple] | None = None, expected: set[str] | None = None) -> str:
+    """A human guess of what kind of file this is, from its key names (and the model's, `expected`, if known)."""
+    shape_of = shape_of or {}
+    family, model_family = _family(keys), _family(expected or set())
+    if family == "sdxl-refiner":
+        return "this looks like the SDXL refiner (OpenCLIP only); APL needs SDXL base or a fine-tune of it."
+    if family == "sdxl" and model_family != "sdxl":
+        return f"this looks like an SDXL checkpoint: load it with --config_path {SDXL_CONFIG_HINT}."
+    if family == "v1" and model_family == "sdxl":
+        return f"this looks like an SD v1.x checkpoint: load it with --config_path {SD_CONFIG_HINT}."
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "this looks like an SD 2.x checkpoint (OpenCLIP ViT-H text encoder); APL needs SD v1.x."
+        return "this looks like an SD 2.x checkpoint (OpenCLIP ViT-H text encoder); APL supports SD v1.x and SDXL."
     conv_in = shape_of.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) > 1 and conv_in[1] == 9:
-        return "this looks like an inpainting checkpoint (9 input channels); APL needs a text-to-image SD v1.x model."
+        return "this looks like an inpainting checkpoint (9 input channels); APL needs a text-to-image model."
     to_k = shape_of.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     if to_k is not None and to_k[-1] == 1024:
-        return "this looks like an SD 2.x checkpoint (1024-d text context); APL needs SD v1.x (768-d)."
+        return "this looks like an SD 2.x checkpoint (1024-d text context); APL supports SD v1.x (768-d) and SDXL."
     if any("lora" in k.lower() for k in keys):
-        return "this looks like a LoRA file; load the base SD v1.x checkpoint instead (merge LoRAs elsewhere)."
+        return "this looks like a LoRA file; load the base checkpoint instead (merge LoRAs elsewhere)."
     if keys & {"string_to_param", "string_to_token", "emb_params"} or any(
         k.startswith("string_to_param") for k in keys
     ):
         return "this looks like a textual-inversion/APL embedding file; pass it as the embedding, not the model."
     if any(k.startswith(("down_blocks.", "unet.", "text_encoder.", "time_embedding.", "mid_block.")) for k in keys):
         return (
-            "this looks like diffusers-format weights; APL reads single-file SD v1 checkpoints (.ckpt/.safetensors)."
+            "this looks like diffusers-format weights of one component; pass the whole diffusers model folder (the "
+            "one with model_index.json) as --ckpt_path, or a single-file checkpoint (.ckpt/.safetensors)."
         )
     if any(k.startswith(("encoder.", "decoder.")) for k in keys) and not any(k.startswith("model.") for k in keys):
-        return "this looks like a VAE-only file; use a full SD v1.x checkpoint."
+        return "this looks like a VAE-only file; use a full SD v1.x or SDXL checkpoint."
     if len(keys) <= 4:
-        return "the file holds only a few tensors; it is not a full SD v1.x checkpoint."
-    return "it is not an SD v1.x checkpoint for this config (wrong model or wrong config?)."
+        return "the file holds only a few tensors; it is not a full SD v1.x or SDXL checkpoint."
+    if family == "sdxl":
+        return "it is an SDXL checkpoint that does not fit this SDXL config (another variant, or a damaged file?)."
+    kind = "an SDXL" if model_family == "sdxl" else "an SD v1.x"
+    return f"it is not {kind} checkpoint for this config (wrong model or wrong config?)."
 
 
 def check_state_dict(
@@ -194,7 +219,7 @@ def check_state_dict(
         raise CheckpointError(
             f"{path} does not match the model config: "
             + "; ".join(problems)
-            + f". Likely cause: {guess_cause(keys, shapes)}"
+            + f". Likely cause: {guess_cause(keys, shapes, set(expected))}"
         )
     ref = schedule_tensors(model.num_timesteps, model.linear_start, model.linear_end)
     for k in SCHEDULE_KEYS:
@@ -253,20 +278,32 @@ def build_model(config: Mapping | str | os.PathLike, device: str | torch.device 
     return model
 
 
+def _read_for(config: Mapping | str | os.PathLike, ckpt_path: str | os.PathLike) -> tuple[dict, LatentDiffusion]:
+    """The tensors of `ckpt_path` under our names, and the config's model on `meta`. A file is read first (a bad
+    file fails fast); a diffusers folder after the model is built, since its names are mapped onto the model."""
+    from ldm.diffusers_folder import is_diffusers_folder, read_diffusers_folder  # it imports this module
+
+    if is_diffusers_folder(ckpt_path):
+        model = build_model(config, "meta")
+        return read_diffusers_folder(ckpt_path, model), model
+    sd = read_state_dict(ckpt_path)
+    return sd, build_model(config, "meta")
+
+
 def load_model(
     config: Mapping | str | os.PathLike,
     ckpt_path: str | os.PathLike | None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
-    """Build the model of `config` and load `ckpt_path` strictly; frozen, eval mode, weights in `dtype`.
+    """Build the model of `config` and load `ckpt_path` (a checkpoint file or a diffusers model folder) strictly;
+    frozen, eval mode, weights in `dtype`.
 
     `ckpt_path=None` gives random weights (tests, the tiny demo)."""
     if ckpt_path is None:
         model = build_model(config, "cpu")
     else:
-        sd = read_state_dict(ckpt_path)  # read before building: a bad file fails fast
-        model = build_model(config, "meta")
+        sd, model = _read_for(config, ckpt_path)
         to_load = check_state_dict(model, sd, ckpt_path)
         model.load_state_dict(checked_values(to_load, ckpt_path, dtype), strict=False, assign=True)
         model.register_schedule()

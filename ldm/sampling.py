@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import CFGDenoiser, sample_ddim
+from ldm.models.diffusion.sdxl import DiffusionEngine
 from ldm.util import atomic_save
 
 
@@ -39,12 +40,14 @@ def step_noises(seeds: Sequence[int], shape: tuple[int, ...], n_steps: int) -> l
     return list(torch.stack(per_image, dim=1).unbind(0))
 
 
-def _unique_conditioning(model, prompts: Sequence[str], embedding_manager) -> torch.Tensor:
-    """Encode each distinct prompt once (dataset generation repeats prompts a lot)."""
+def _unique_conditioning(model, prompts: Sequence[str], embedding_manager, **size) -> torch.Tensor | dict:
+    """Encode each distinct prompt once (dataset generation repeats prompts a lot); SDXL gives a dict of tensors."""
     uniq = list(dict.fromkeys(prompts))
-    enc = model.get_learned_conditioning(uniq, embedding_manager=embedding_manager)
-    index = torch.tensor([uniq.index(p) for p in prompts], device=enc.device)
-    return enc[index]
+    enc = model.get_learned_conditioning(uniq, embedding_manager=embedding_manager, **size)
+    index = [uniq.index(p) for p in prompts]
+    if isinstance(enc, dict):
+        return {k: v[torch.tensor(index, device=v.device)] for k, v in enc.items()}
+    return enc[torch.tensor(index, device=enc.device)]
 
 
 @torch.no_grad()
@@ -65,6 +68,9 @@ def txt2img_latents(
 ) -> torch.Tensor:
     """DDIM latents (B, 4, H/8, W/8) for `prompts` with classifier-free guidance against `negative_prompt`.
 
+    SD v1 and SDXL models alike; for SDXL an empty `negative_prompt` means zero text features (see
+    `DiffusionEngine.force_zeros_for_empty_prompt`).
+
     Image b depends only on its prompt and seeds[b] (start code, and with eta > 0 its own noise stream), not on the
     other images of the batch.
     """
@@ -72,8 +78,10 @@ def txt2img_latents(
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     model.check_image_size(height, width)
     device = model.device
-    cond = _unique_conditioning(model, prompts, embedding_manager)
-    uncond = model.get_learned_conditioning([negative_prompt])  # the negative prompt never carries the prefix
+    # SDXL also conditions on the image size (original = target = the size drawn, no crop); SD v1 takes none.
+    size = {"target_size": (height, width)} if isinstance(model, DiffusionEngine) else {}
+    cond = _unique_conditioning(model, prompts, embedding_manager, **size)
+    uncond = model.get_unconditional_conditioning(negative_prompt, **size)  # never carries the prefix
     if x_T is None:
         x_T = start_codes(seeds, (model.channels, height // 8, width // 8), device)
     denoiser = CFGDenoiser(model.apply_model, uncond, scale)

@@ -26,16 +26,36 @@ from torch import nn
 def _registry() -> dict[str, Callable[..., Any]]:
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.diffusion.ddpm import LatentDiffusion
+    from ldm.models.diffusion.sdxl import DiffusionEngine
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from ldm.modules.encoders.conditioner import ConcatTimestepEmbedderND, GeneralConditioner
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+    from ldm.modules.encoders.openclip import FrozenOpenCLIPEmbedder2
 
-    return {
+    ours = {
         "ldm.models.diffusion.ddpm.LatentDiffusion": LatentDiffusion,
         "ldm.modules.diffusionmodules.openaimodel.UNetModel": UNetModel,
         "ldm.models.autoencoder.AutoencoderKL": AutoencoderKL,
         "ldm.modules.encoders.modules.FrozenCLIPEmbedder": FrozenCLIPEmbedder,
+        "ldm.models.diffusion.sdxl.DiffusionEngine": DiffusionEngine,
+        "ldm.modules.encoders.conditioner.GeneralConditioner": GeneralConditioner,
+        "ldm.modules.encoders.conditioner.ConcatTimestepEmbedderND": ConcatTimestepEmbedderND,
+        "ldm.modules.encoders.openclip.FrozenOpenCLIPEmbedder2": FrozenOpenCLIPEmbedder2,
         "torch.nn.Identity": nn.Identity,  # the VAE's `lossconfig` in inference configs
     }
+    # The names Stability's generative-models (SGM) configs use for the same classes, so its sd_xl_base.yaml
+    # builds the same model as configs/sdxl/sd_xl_base.yaml. (The denoiser block is read as data by DiffusionEngine.)
+    sgm = {
+        "sgm.models.diffusion.DiffusionEngine": DiffusionEngine,
+        "sgm.modules.diffusionmodules.openaimodel.UNetModel": UNetModel,
+        "sgm.models.autoencoder.AutoencoderKLInferenceWrapper": AutoencoderKL,
+        "sgm.modules.GeneralConditioner": GeneralConditioner,
+        "sgm.modules.encoders.modules.GeneralConditioner": GeneralConditioner,
+        "sgm.modules.encoders.modules.FrozenCLIPEmbedder": FrozenCLIPEmbedder,
+        "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": FrozenOpenCLIPEmbedder2,
+        "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": ConcatTimestepEmbedderND,
+    }
+    return ours | sgm
 
 
 class ConfigError(ValueError):
@@ -51,7 +71,7 @@ def instantiate_from_config(config: Mapping) -> Any:
     if target not in registry:
         raise ConfigError(
             f"config target {target!r} is not one of APL's model classes ({', '.join(sorted(registry))});"
-            " APL never imports classes named in a config file. SD v1 configs use exactly these."
+            " APL never imports classes named in a config file. SD v1 and SDXL configs use exactly these."
         )
     params = config.get("params") or {}
     try:

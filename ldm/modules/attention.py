@@ -1,4 +1,4 @@
-"""Cross-attention transformer used inside the SD v1 UNet (`SpatialTransformer`), original LDM key names."""
+"""Cross-attention transformer used inside the SD v1 / SDXL UNet (`SpatialTransformer`), original LDM key names."""
 
 from __future__ import annotations
 
@@ -89,25 +89,40 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Image-shaped wrapper: GroupNorm, 1x1 conv in, transformer blocks over HW tokens, 1x1 conv out, residual."""
+    """Image-shaped wrapper: GroupNorm, projection in, transformer blocks over HW tokens, projection out, residual.
+
+    SD v1 projects with 1x1 convs; SD 2.x and SDXL (`use_linear`) with Linear layers applied to the tokens, which
+    is the same map with weights stored as (C_out, C_in) instead of (C_out, C_in, 1, 1)."""
 
     def __init__(
-        self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, context_dim: int = 768, dropout: float = 0.0
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        context_dim: int = 768,
+        dropout: float = 0.0,
+        use_linear: bool = False,
     ) -> None:
         super().__init__()
         inner = n_heads * d_head
+        self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(in_channels, inner, 1)
+        self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, n_heads, d_head, context_dim, dropout) for _ in range(depth)
         )
-        self.proj_out = nn.Conv2d(inner, in_channels, 1)
+        self.proj_out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
-        h = h.flatten(2).transpose(1, 2)  # (B, HW, inner)
+        h = self.norm(x)
+        if self.use_linear:
+            h = self.proj_in(h.flatten(2).transpose(1, 2))  # (B, HW, inner)
+        else:
+            h = self.proj_in(h).flatten(2).transpose(1, 2)  # (B, HW, inner)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = h.transpose(1, 2).reshape(B, -1, H, W)
-        return x + self.proj_out(h)
+        if self.use_linear:
+            return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, -1, H, W))

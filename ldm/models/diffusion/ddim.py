@@ -5,13 +5,14 @@ SD v1 conventions: 1000 training steps, scaled-linear betas 0.00085 -> 0.012, DD
 alphas_cumprod[0] (diffusers `set_alpha_to_one=False`), no clipping of the predicted x_0.
 
 The model is any eps-predicting callable `model(x_t, t, cond)`; classifier-free guidance is the `CFGDenoiser`
-wrapper around it, so the sampler itself knows nothing about prompts.
+wrapper around it, so the sampler itself knows nothing about prompts. A conditioning is a tensor (SD v1's
+(B, 77, 768) context) or a dict of tensors with the batch first (SDXL's {'crossattn', 'vector'}).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,33 +47,64 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Lon
     return torch.arange(num_steps, dtype=torch.long) * stride + 1  # type: ignore[return-value]
 
 
+Cond = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _is_cond(c: Any) -> bool:
+    return isinstance(c, torch.Tensor) or (
+        isinstance(c, Mapping) and bool(c) and all(isinstance(v, torch.Tensor) for v in c.values())
+    )
+
+
+def _parts(c: Cond) -> dict[str, torch.Tensor]:
+    """A conditioning as named tensors ('' for a plain tensor)."""
+    return dict(c) if isinstance(c, Mapping) else {"": c}
+
+
+def _rebuild(like: Cond, parts: dict[str, torch.Tensor]) -> Cond:
+    return parts if isinstance(like, Mapping) else parts[""]
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): eps_u + scale * (eps_c - eps_u), one batched forward."""
 
     def __init__(self, model: EpsModel, uncond: Any, scale: float) -> None:
-        if scale != 1.0 and not isinstance(uncond, torch.Tensor):
+        if scale != 1.0 and not _is_cond(uncond):
             raise TypeError(
                 f"CFGDenoiser needs the unconditional embedding as a tensor (e.g. the encoded empty prompt, "
-                f"(1, 77, 768)) when scale != 1; got {type(uncond).__name__}."
+                f"(1, 77, 768)) or a dict of tensors (SDXL) when scale != 1; got {type(uncond).__name__}."
             )
         self.model = model
         self.uncond = uncond
         self.scale = float(scale)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _uncond_like(self, cond: Cond, batch: int) -> Cond:
+        """The unconditional embedding on cond's device/dtype, batch 1 expanded to `batch`; shapes checked."""
+        u_parts, c_parts = _parts(self.uncond), _parts(cond)
+        if u_parts.keys() != c_parts.keys():
+            raise ValueError(f"CFG: uncond has parts {sorted(u_parts)} but cond has {sorted(c_parts)}.")
+        out = {}
+        for k, c in c_parts.items():
+            u = u_parts[k].to(device=c.device, dtype=c.dtype)
+            if u.shape[0] == 1 and batch != 1:
+                u = u.expand(batch, *u.shape[1:])  # one negative prompt shared by the whole batch
+            if u.shape[0] != batch or c.shape[0] != batch or u.shape[1:] != c.shape[1:]:
+                name = f" {k!r}" if k else ""
+                raise ValueError(
+                    f"CFG shapes do not fit: x has batch {batch}, cond{name} {tuple(c.shape)}, uncond{name} "
+                    f"{tuple(u_parts[k].shape)}; uncond must be batch 1 or {batch} with the same feature shape as "
+                    "cond."
+                )
+            out[k] = u
+        return _rebuild(cond, out)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Guided eps for x (B, C, H, W) at t (B,) under cond (B, ...); scale 1 is the plain conditional model."""
         if self.scale == 1.0:  # guidance is the identity: save the unconditional half of the batch
             return self.model(x, t, cond)
-        batch = x.shape[0]
-        uncond = self.uncond.to(device=cond.device, dtype=cond.dtype)
-        if uncond.shape[0] == 1 and batch != 1:
-            uncond = uncond.expand(batch, *uncond.shape[1:])  # one negative prompt shared by the whole batch
-        if uncond.shape[0] != batch or cond.shape[0] != batch or uncond.shape[1:] != cond.shape[1:]:
-            raise ValueError(
-                f"CFG shapes do not fit: x has batch {batch}, cond {tuple(cond.shape)}, uncond "
-                f"{tuple(self.uncond.shape)}; uncond must be batch 1 or {batch} with the same feature shape as cond."
-            )
-        eps_uncond, eps_cond = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        uncond = _parts(self._uncond_like(cond, x.shape[0]))
+        both = _rebuild(cond, {k: torch.cat([uncond[k], c]) for k, c in _parts(cond).items()})
+        eps_uncond, eps_cond = self.model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return eps_uncond + self.scale * (eps_cond - eps_uncond)
 
 

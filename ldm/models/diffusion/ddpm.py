@@ -98,18 +98,26 @@ def _extract(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class DiffusionWrapper(nn.Module):
-    """Gives the `model.diffusion_model.*` key level; SD v1 conditions by cross-attention only."""
+    """Gives the `model.diffusion_model.*` key level; SD v1 conditions by cross-attention only, SDXL adds `y`."""
 
     def __init__(self, diffusion_model: nn.Module) -> None:
         super().__init__()
         self.diffusion_model = diffusion_model
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.diffusion_model(x, t, context)
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.diffusion_model(x, t, context, y)
 
 
 class LatentDiffusion(nn.Module):
-    """SD v1 model: `model.diffusion_model` (UNet), `first_stage_model` (VAE), `cond_stage_model` (CLIP text)."""
+    """SD v1 model: `model.diffusion_model` (UNet), `first_stage_model` (VAE), `cond_stage_model` (CLIP text).
+
+    SDXL (ldm/models/diffusion/sdxl.py) is a subclass with another conditioning model and its own conditioning
+    methods; the schedule, noising and first-stage helpers here are shared."""
+
+    # SD v1 checkpoints store the 12 schedule buffers; SGM (SDXL) checkpoints store none.
+    schedule_persistent = True
 
     def __init__(
         self,
@@ -146,20 +154,26 @@ class LatentDiffusion(nn.Module):
         self.channels, self.image_size = channels, image_size
         self.model = DiffusionWrapper(instantiate_from_config(unet_config))
         self.first_stage_model = instantiate_from_config(first_stage_config)
-        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self._build_conditioning(cond_stage_config)
         self.register_schedule()
+
+    def _build_conditioning(self, config: Mapping) -> None:
+        """The text encoder under the checkpoint's key prefix (`cond_stage_model.*` for SD v1)."""
+        from ldm.util import instantiate_from_config
+
+        self.cond_stage_model = instantiate_from_config(config)
 
     def register_schedule(self) -> None:
         """(Re)build the 12 schedule buffers in float32 on the CPU or the model's device."""
         device = self.first_stage_model.quant_conv.weight.device
         device = torch.device("cpu") if device.type == "meta" else device
         for name, value in schedule_tensors(self.num_timesteps, self.linear_start, self.linear_end).items():
-            self.register_buffer(name, value.to(device), persistent=True)
+            self.register_buffer(name, value.to(device), persistent=self.schedule_persistent)
 
     # The schedule must stay float32 whatever the weights' precision, so precision is set per sub-model.
     def set_precision(self, dtype: torch.dtype) -> LatentDiffusion:
-        """Cast UNet, VAE and text encoder to `dtype`; schedule buffers stay float32."""
-        for m in (self.model, self.first_stage_model, self.cond_stage_model):
+        """Cast UNet, VAE and text encoder(s) to `dtype`; schedule buffers (the model's own) stay float32."""
+        for m in self.children():
             m.to(dtype)
         return self
 
@@ -213,6 +227,12 @@ class LatentDiffusion(nn.Module):
         if embedding_manager is not None and not isinstance(prompts, torch.Tensor):
             embedding_manager.check_prompts_fit(prompts)  # token ids come from callers that made room themselves
         return self.cond_stage_model(prompts, embedding_manager=embedding_manager)
+
+    def get_unconditional_conditioning(self, negative_prompt: str = "", **_: Any) -> torch.Tensor:
+        """The conditioning classifier-free guidance pushes away from: the encoded negative prompt (1, 77, 768).
+
+        Keyword arguments that SDXL's version takes (image size) do not change SD v1's."""
+        return self.get_learned_conditioning([negative_prompt])
 
     def encode_first_stage(self, x: torch.Tensor):
         """Image in [-1, 1] (B, 3, H, W) -> DiagonalGaussianDistribution over unscaled latents."""

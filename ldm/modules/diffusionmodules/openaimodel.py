@@ -1,4 +1,8 @@
-"""The SD v1 UNet (`model.diffusion_model.*`), built so that checkpoint key names are the module tree."""
+"""The SD v1 / SDXL UNet (`model.diffusion_model.*`), built so that checkpoint key names are the module tree.
+
+SDXL is the same network with other config values (CompVis/SGM `UNetModel` keys): a transformer depth per level,
+linear projections in the transformers, and `label_emb`, an MLP that adds a vector conditioning `y` (pooled text
+and size/crop features) to the timestep embedding."""
 
 from __future__ import annotations
 
@@ -105,14 +109,17 @@ _IGNORED = {
     "resblock_updown",
     "use_new_attention_order",
     "num_heads_upsample",
-    "num_classes",
     "n_embed",
+    "spatial_transformer_attn_type",  # SGM: which attention kernel (softmax / xformers), same math
 }
 
 
 class UNetModel(nn.Module):
-    """Eps-predicting UNet of SD v1: ResBlocks + SpatialTransformers at the attention resolutions.
+    """Eps-predicting UNet of SD v1 and SDXL: ResBlocks + SpatialTransformers at the attention resolutions.
 
+    `transformer_depth` is one depth for all levels (SD v1) or one per level (SDXL: [1, 2, 10], the first level
+    having no attention); `num_classes="sequential"` with `adm_in_channels` adds `label_emb` for the vector
+    conditioning `y` (SDXL: 2816 = 1280 pooled text + 6 size/crop values x 256 Fourier features).
     `use_checkpoint` from the CompVis config is accepted, but gradient checkpointing is switched on explicitly
     with `set_gradient_checkpointing(True)` (it costs ~30% speed and is only worth it when memory is short).
     """
@@ -128,8 +135,12 @@ class UNetModel(nn.Module):
         num_heads: int = 8,
         num_head_channels: int = -1,
         use_spatial_transformer: bool = True,
-        transformer_depth: int = 1,
+        transformer_depth: int | Sequence[int] = 1,
+        transformer_depth_middle: int | None = None,
         context_dim: int = 768,
+        use_linear_in_transformer: bool = False,
+        num_classes: str | int | None = None,
+        adm_in_channels: int | None = None,
         dropout: float = 0.0,
         use_checkpoint: bool = False,
         **kwargs,
@@ -140,25 +151,47 @@ class UNetModel(nn.Module):
         if unknown:
             raise ValueError(
                 f"UNetModel: unsupported config keys {sorted(unknown)}. "
-                "APL supports the Stable Diffusion v1.x UNet only (SD 2.x/XL configs are not v1)."
+                "APL supports the Stable Diffusion v1.x and SDXL base UNets."
             )
         if kwargs.get("use_scale_shift_norm") or kwargs.get("resblock_updown") or not use_spatial_transformer:
             raise ValueError("UNetModel: use_scale_shift_norm/resblock_updown/non-spatial attention are not SD v1.")
         if kwargs.get("dims", 2) != 2:
             raise ValueError("UNetModel: only 2-D UNets (dims: 2) are supported.")
+        depths = [transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int) else transformer_depth
+        depths = [int(d) for d in depths]
+        if len(depths) != len(channel_mult):
+            raise ValueError(
+                f"UNetModel: transformer_depth {list(depths)} needs one depth per level of channel_mult "
+                f"{list(channel_mult)}."
+            )
+        depth_middle = depths[-1] if transformer_depth_middle is None else int(transformer_depth_middle)
+        if num_classes not in (None, "sequential"):
+            raise ValueError(
+                f"UNetModel: num_classes={num_classes!r} (a class-conditional UNet) is not supported; SDXL uses "
+                "'sequential' with adm_in_channels."
+            )
+        if (num_classes == "sequential") != (adm_in_channels is not None):
+            raise ValueError("UNetModel: num_classes 'sequential' and adm_in_channels go together (SDXL: 2816).")
         self.model_channels = model_channels
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.adm_in_channels = adm_in_channels
+        self.context_dim = context_dim
         emb_dim = model_channels * 4
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, d_head = (
                 (num_heads, ch // num_heads)
                 if num_head_channels == -1
                 else (ch // num_head_channels, num_head_channels)
             )
-            return SpatialTransformer(ch, heads, d_head, transformer_depth, context_dim, dropout)
+            return SpatialTransformer(ch, heads, d_head, depth, context_dim, dropout, use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if adm_in_channels is not None:
+            # Nested Sequential: the checkpoint names are label_emb.0.0 / label_emb.0.2.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
         )
@@ -168,7 +201,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, dropout, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -176,7 +209,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, dropout), transformer(ch), ResBlock(ch, emb_dim, dropout)
+            ResBlock(ch, emb_dim, dropout), transformer(ch, depth_middle), ResBlock(ch, emb_dim, dropout)
         )
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -184,7 +217,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, dropout, model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -207,12 +240,24 @@ class UNetModel(nn.Module):
             if hasattr(m, "checkpoint"):
                 m.checkpoint = enabled
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B, 4, h, w), timesteps (B,), context (B, 77, 768) -> eps (B, 4, h, w)."""
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, 4, h, w), timesteps (B,), context (B, 77, 768 | 2048), y (B, adm_in_channels) for SDXL -> eps."""
         dtype = self.time_embed[0].weight.dtype
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if self.adm_in_channels is not None:
+            if y is None or y.shape != (x.shape[0], self.adm_in_channels):
+                got = None if y is None else tuple(y.shape)
+                raise ValueError(
+                    f"UNetModel: this UNet needs the vector conditioning y of shape ({x.shape[0]}, "
+                    f"{self.adm_in_channels}) (SDXL: pooled text + size/crop features), got {got}."
+                )
+            emb = emb + self.label_emb(y.to(dtype))
+        elif y is not None:
+            raise ValueError("UNetModel: got a vector conditioning y, but this UNet has no label_emb (SD v1).")
         h, context = x.to(dtype), context.to(dtype)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)

@@ -1,5 +1,9 @@
 """CLIP ViT-L/14 text encoder (`cond_stage_model.transformer.text_model.*`, Hugging Face key names).
 
+SD v1 uses its last hidden state after the final LayerNorm; SDXL's first embedder
+(`conditioner.embedders.0.transformer.text_model.*`) the same network's penultimate hidden state (`layer: hidden`,
+`layer_idx: 11`), without the final LayerNorm.
+
 The learned APL prefix enters through the named `embedding_manager` argument: it receives the token ids and
 their token embeddings and returns the (possibly rewritten) token embeddings before position embeddings are
 added. Nothing is monkeypatched.
@@ -82,7 +86,7 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
-    """Token ids (B, 77) -> last hidden state after the final LayerNorm (B, 77, D)."""
+    """Token ids (B, 77) -> last hidden state after the final LayerNorm (B, 77, D), or an earlier hidden state."""
 
     def __init__(self, cfg: CLIPTextConfig) -> None:
         super().__init__()
@@ -91,14 +95,21 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
-    def forward(self, input_ids: torch.Tensor, embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        embedding_manager: EmbeddingHook | None = None,
+        hidden_layer: int | None = None,
+    ) -> torch.Tensor:
+        """`hidden_layer=k`: the hidden state after k encoder layers (Hugging Face `hidden_states[k]`), no final
+        LayerNorm, and the remaining layers are not run."""
         x = self.embeddings.token_embedding(input_ids)  # (B, 77, D)
         if embedding_manager is not None:
             x = embedding_manager(input_ids, x)
         x = x + self.embeddings.position_embedding.weight[: x.shape[1]].to(x.dtype)
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers[:hidden_layer]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        return self.final_layer_norm(x) if hidden_layer is None else x
 
 
 class CLIPTextModel(nn.Module):
@@ -108,19 +119,25 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, input_ids: torch.Tensor, embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
-        return self.text_model(input_ids, embedding_manager)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        embedding_manager: EmbeddingHook | None = None,
+        hidden_layer: int | None = None,
+    ) -> torch.Tensor:
+        return self.text_model(input_ids, embedding_manager, hidden_layer)
 
 
 _KNOWN_VERSIONS = {"openai/clip-vit-large-patch14"}
 
 
 class FrozenCLIPEmbedder(nn.Module):
-    """SD v1's conditioning model: tokenizer + frozen CLIP text transformer.
+    """SD v1's conditioning model, and SDXL's first embedder: tokenizer + frozen CLIP text transformer.
 
     `version` names the Hugging Face model the original downloaded; here it only selects the architecture
     (ViT-L/14 text tower). The weights always come from the SD checkpoint. A tiny encoder for tests and the
-    demo is built with `width`/`layers`/`heads`.
+    demo is built with `width`/`layers`/`heads`. `layer`: 'last' (SD v1, after the final LayerNorm) or 'hidden'
+    with `layer_idx` (SDXL: 11, the penultimate layer's output, as Hugging Face's `hidden_states[11]`).
     """
 
     def __init__(
@@ -131,13 +148,20 @@ class FrozenCLIPEmbedder(nn.Module):
         width: int = 768,
         layers: int = 12,
         heads: int = 12,
+        layer: str = "last",
+        layer_idx: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
-        if kwargs.keys() - {"freeze", "layer"}:
+        if kwargs.keys() - {"freeze", "always_return_pooled"} or kwargs.get("always_return_pooled"):
             raise ValueError(f"FrozenCLIPEmbedder: unsupported config keys {sorted(kwargs)}.")
-        if kwargs.get("layer", "last") != "last":
-            raise ValueError("FrozenCLIPEmbedder: only layer='last' (SD v1) is supported.")
+        if layer not in ("last", "hidden") or (layer == "hidden") != (layer_idx is not None):
+            raise ValueError(
+                f"FrozenCLIPEmbedder: layer={layer!r}, layer_idx={layer_idx!r}; supported are layer 'last' (SD v1) "
+                "and layer 'hidden' with a layer_idx (SDXL: 11)."
+            )
+        if layer_idx is not None and not 0 < int(layer_idx) <= layers:
+            raise ValueError(f"FrozenCLIPEmbedder: layer_idx {layer_idx} is outside 1..{layers}.")
         # Offline setups often point `version` at a local copy (.../clip-vit-large-patch14): same architecture.
         local_copy = str(version).rstrip("/\\").lower().endswith("clip-vit-large-patch14")
         if version not in _KNOWN_VERSIONS and not local_copy:
@@ -149,7 +173,18 @@ class FrozenCLIPEmbedder(nn.Module):
             raise ValueError("FrozenCLIPEmbedder: max_length must be 77 for SD v1.")
         self.config = CLIPTextConfig(width=width, layers=layers, heads=heads, max_length=max_length)
         self.transformer = CLIPTextModel(self.config)
+        self.layer_idx = None if layer_idx is None else int(layer_idx)
         self._tokenizer = None
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token-embedding table the learned prefix lives beside (vectors of this width)."""
+        return self.transformer.text_model.embeddings.token_embedding
+
+    @property
+    def output_dims(self) -> dict[str, int]:
+        """What this embedder adds to SDXL's conditioning: its width of cross-attention context."""
+        return {"crossattn": self.config.width}
 
     @property
     def tokenizer(self):
@@ -168,9 +203,9 @@ class FrozenCLIPEmbedder(nn.Module):
     def forward(
         self, text: str | Sequence[str] | torch.Tensor, embedding_manager: EmbeddingHook | None = None
     ) -> torch.Tensor:
-        """Prompts, or token ids (B, 77) already on this module's device -> last hidden states (B, 77, width)."""
+        """Prompts, or token ids (B, 77) already on this module's device -> hidden states (B, 77, width)."""
         ids = text if isinstance(text, torch.Tensor) else self.tokenize(text)
-        return self.transformer(ids, embedding_manager=embedding_manager)
+        return self.transformer(ids, embedding_manager=embedding_manager, hidden_layer=self.layer_idx)
 
     def encode(self, text: str | Sequence[str], embedding_manager: EmbeddingHook | None = None) -> torch.Tensor:
         return self(text, embedding_manager=embedding_manager)

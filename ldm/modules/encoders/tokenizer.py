@@ -92,14 +92,17 @@ def _normalize(text: str) -> str:
 
 
 class CLIPTokenizer:
-    """CLIP BPE tokenizer for SD v1 prompts: `tok(prompts)` gives (B, 77) ids, BOS + 75 content ids + EOS padding."""
+    """CLIP BPE tokenizer for SD prompts: `tok(prompts)` gives (B, 77) ids, BOS + 75 content ids + EOS + padding.
+
+    OpenAI's CLIP (SD v1, SDXL's first encoder) pads with EOS; OpenCLIP (SDXL's second encoder) pads with id 0
+    (`pad_token_id=0`, the token '!'), and the padded positions differ in what the text encoder outputs there."""
 
     bos_token_id = 49406
     eos_token_id = 49407
-    pad_token_id = 49407  # SD v1 pads with EOS, not with a separate pad token
     model_max_length = 77
 
-    def __init__(self, bpe_path: str | os.PathLike | None = None) -> None:
+    def __init__(self, bpe_path: str | os.PathLike | None = None, pad_token_id: int = 49407) -> None:
+        self.pad_token_id = int(pad_token_id)
         vocab, merges = load_bpe(bpe_path)
         self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
         self.decoder: dict[int, str] = dict(enumerate(vocab))
@@ -191,7 +194,7 @@ class CLIPTokenizer:
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
     def __call__(self, texts: str | Sequence[str]) -> torch.LongTensor:
-        """(B, 77) ids: BOS, the first 75 content ids, EOS, then EOS padding."""
+        """(B, 77) ids: BOS, the first 75 content ids, EOS, then padding (EOS unless pad_token_id says otherwise)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
