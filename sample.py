@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model_for_cli(args.config_path, args.ckpt_path, device, pick_dtype(args.precision, device))
         em = None
         if args.embedding:
-            from ldm.modules.embedding_manager import EmbeddingManager
+            from ldm.modules.prefix import load_prefix
 
-            em = EmbeddingManager.from_file(model.cond_stage_model, args.embedding).to(device)
+            em = load_prefix(model, args.embedding).to(device)  # SD v1: one manager; SDXL: one per text encoder
             words = list(em.string_to_token_dict)
             if not any(has_placeholder(p, w) for p in prompts for w in words):
                 raise UsageError(

@@ -44,7 +44,7 @@ HELP = {
     "devices": "GPU ids for data parallelism, e.g. 0,1 (unset: GPU 0, or one CPU process on a machine without "
     "CUDA); CPU processes are --cpu_processes",
     "seperator": "kept from the original command line (ESD multi-word runs); has no effect in APL",
-    "image_size": "training image size in pixels (latents are size/8)",
+    "image_size": "training image size in pixels (latents are size/8); unset: the model's own (SD v1 512, SDXL 1024)",
     "ddim_steps": "DDIM steps for the general samples generated from captions",
     "face_dir": "folder of face images named '<Person Name>-<k>.png'",
     "general_dir": "folder of captioned general images (metadata.jsonl, <image>.txt sidecars, or laion_<i>.jpg)",
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=HELP[f.name])
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            if f.name == "max_general":
+            if f.name in ("max_general", "image_size"):
                 kind = int
             p.add_argument(f"--{f.name}", type=kind, default=default, help=HELP[f.name])
     return p

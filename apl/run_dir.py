@@ -195,7 +195,7 @@ def text_digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def run_record(cfg, data, model_fingerprint: str, width: int, precision: str) -> dict:
+def run_record(cfg, data, model_fingerprint: str, width: int | str, precision: str) -> dict:
     """What decides a run's trajectory: settings, content digests of the data and the model, the text width."""
     settings = {k: getattr(cfg, k) for k in TRAJECTORY_SETTINGS if hasattr(cfg, k)}
     settings["precision"] = precision  # resolved ('auto' -> bf16 on a GPU)
@@ -214,7 +214,7 @@ def run_record(cfg, data, model_fingerprint: str, width: int, precision: str) ->
         },
         "texts": {"digest": text_digest([data.people, data.templates]), "people_file": str(cfg.people_file)},
         "model": {"fingerprint": model_fingerprint, "ckpt_path": str(cfg.ckpt_path), "config_path": cfg.config_path},
-        "width": int(width),
+        "width": width,  # SD v1: an int; SDXL: '768+1280'
     }
 
 

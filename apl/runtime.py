@@ -52,6 +52,14 @@ def shipped_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def native_image_size(config_path: str | os.PathLike) -> int:
+    """The side in pixels a model was trained at: its config's latent `image_size` x 8 (SD v1 512, SDXL 1024)."""
+    from ldm.util import load_config
+
+    params = load_config(shipped_file(config_path))["model"].get("params") or {}
+    return int(params.get("image_size", 64)) * 8
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda:0 when available, else cpu; 'cuda:N' is checked to exist."""
     if name == "auto":
@@ -75,7 +83,8 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def is_tiny(config_path: str | os.PathLike) -> bool:
-    return Path(config_path).resolve() == TINY_CONFIG.resolve()
+    """A random-weight test model of configs/tiny/ (tiny-sd.yaml, tiny-sdxl.yaml): no checkpoint needed."""
+    return Path(config_path).resolve().parent == TINY_CONFIG.resolve().parent
 
 
 def load_model_for_cli(

@@ -15,13 +15,34 @@ updated in place (Adam does); replacing the tensor objects would leave the graph
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ldm.util import staged
 
 REFERENCES = ("prefix", "name")
+
+TextIds = torch.Tensor | dict[int, torch.Tensor]  # (B, 77), or one (B, 77) per text encoder (SDXL)
+
+
+def _ids_like(ids: TextIds, batch: int, device: torch.device) -> TextIds:
+    """Static (batch, L) id buffers of the same structure as `ids`, on `device`."""
+    if isinstance(ids, Mapping):
+        return {k: torch.zeros((batch, v.shape[-1]), dtype=torch.long, device=device) for k, v in ids.items()}
+    return torch.zeros((batch, ids.shape[-1]), dtype=torch.long, device=device)
+
+
+def _ids_pairs(bufs: TextIds, values: TextIds) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, value) pairs of two id structures, which must match."""
+    if isinstance(bufs, Mapping) != isinstance(values, Mapping) or (
+        isinstance(bufs, Mapping) and bufs.keys() != values.keys()
+    ):
+        raise ValueError("StaticStep.load: token ids changed structure between steps")
+    if isinstance(bufs, Mapping):
+        return [(bufs[k], values[k]) for k in bufs]
+    return [(bufs, values)]
 
 
 def apl_terms(
@@ -33,6 +54,7 @@ def apl_terms(
     neutral: Sequence[str] | torch.Tensor,
     negative_guidance: float = 1.0,
     reference: Sequence[str] | torch.Tensor | None = None,
+    cond_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample APL loss (B,) and the gap MSE(eps_p, eps_n) (B,), which does not depend on g.
 
@@ -41,11 +63,16 @@ def apl_terms(
     g * (sg(eps_p) - eps_n); under Adam every g > -1 then trains the same prefix, see README); with `reference`
     (the private prompts without the placeholder, i.e. the named person), ESD's choice: one more no-grad pass,
     target = eps_n - g * (eps_ref - eps_n), so g pushes away from the identity. Prompts are strings or token ids
-    (B, 77) on the model's device."""
+    (B, 77) on the model's device (SDXL: ids per text encoder, and `cond_kwargs` such as the target size)."""
+    kw = dict(cond_kwargs or {})
+
+    def cond(prompts, prefix=None):
+        return model.get_learned_conditioning(prompts, embedding_manager=prefix, **kw)
+
     with torch.no_grad():
-        eps_n = model.apply_model(z_t, t, model.get_learned_conditioning(neutral)).float()
-        eps_r = None if reference is None else model.apply_model(z_t, t, model.get_learned_conditioning(reference))
-    eps_p = model.apply_model(z_t, t, model.get_learned_conditioning(private, embedding_manager=em)).float()
+        eps_n = model.apply_model(z_t, t, cond(neutral)).float()
+        eps_r = None if reference is None else model.apply_model(z_t, t, cond(reference))
+    eps_p = model.apply_model(z_t, t, cond(private, em)).float()
     away = eps_p.detach() if eps_r is None else eps_r.float()
     target = eps_n - negative_guidance * (away - eps_n)
     loss = ((eps_p - target) ** 2).mean(dim=(1, 2, 3))
@@ -62,9 +89,10 @@ def apl_loss(
     neutral: Sequence[str] | torch.Tensor,
     negative_guidance: float = 1.0,
     reference: Sequence[str] | torch.Tensor | None = None,
+    cond_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Per-sample APL loss (B,) of `apl_terms`."""
-    return apl_terms(model, em, z_t, t, private, neutral, negative_guidance, reference)[0]
+    return apl_terms(model, em, z_t, t, private, neutral, negative_guidance, reference, cond_kwargs)[0]
 
 
 class StaticStep:
@@ -83,6 +111,7 @@ class StaticStep:
         warmup: int = 3,
         scaler: torch.amp.GradScaler | None = None,
         reference: str = "prefix",
+        cond_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         device = model.device
         if reference not in REFERENCES:
@@ -94,14 +123,17 @@ class StaticStep:
         self.model, self.em, self.g = model, em, negative_guidance
         self.params = list(em.embedding_parameters())
         self.use_graph, self.warmup, self.scaler = graph, warmup, scaler
-        length = model.cond_stage_model.config.max_length
+        self.cond_kwargs = dict(cond_kwargs or {})
+        self.device = device
         self.z0 = torch.zeros((batch, *latent_shape), device=device)
         self.noise = torch.zeros_like(self.z0)
         self.t = torch.zeros(batch, dtype=torch.long, device=device)
-        self.private_ids = torch.zeros((batch, length), dtype=torch.long, device=device)
-        self.neutral_ids = torch.zeros_like(self.private_ids)
+        # Token ids, (B, 77) or one (B, 77) per text encoder (SDXL): allocated by the first load, in its structure.
+        self.private_ids: TextIds | None = None
+        self.neutral_ids: TextIds | None = None
         # ESD-style reference: the private prompt without the placeholder (the named person), one more no-grad pass
-        self.reference_ids = torch.zeros_like(self.private_ids) if reference == "name" else None
+        self.uses_reference = reference == "name"
+        self.reference_ids: TextIds | None = None
         self.loss = torch.zeros(batch, device=device)
         self.gap = torch.zeros(batch, device=device)  # MSE(eps_p, eps_n) per sample: comparable across g
         self.grads = [torch.zeros_like(p) for p in self.params]
@@ -112,17 +144,22 @@ class StaticStep:
         z0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        private_ids: torch.Tensor,
-        neutral_ids: torch.Tensor,
-        reference_ids: torch.Tensor | None = None,
+        private_ids: TextIds,
+        neutral_ids: TextIds,
+        reference_ids: TextIds | None = None,
     ) -> None:
         """Copy one step's inputs into the static buffers (non-blocking: no host sync)."""
-        if (reference_ids is None) != (self.reference_ids is None):
+        if (reference_ids is None) == self.uses_reference:
             raise ValueError("StaticStep.load: reference_ids are needed exactly when the step uses reference='name'")
-        pairs = [(self.z0, z0), (self.t, t), (self.noise, noise), (self.private_ids, private_ids),
-                 (self.neutral_ids, neutral_ids)]  # fmt: skip
-        if reference_ids is not None:
-            pairs.append((self.reference_ids, reference_ids))
+        if self.private_ids is None:
+            B, dev = self.z0.shape[0], self.device
+            self.private_ids, self.neutral_ids = _ids_like(private_ids, B, dev), _ids_like(neutral_ids, B, dev)
+            self.reference_ids = None if reference_ids is None else _ids_like(reference_ids, B, dev)
+        pairs = [(self.z0, z0), (self.t, t), (self.noise, noise)]
+        for bufs, values in ((self.private_ids, private_ids), (self.neutral_ids, neutral_ids),
+                             (self.reference_ids, reference_ids)):  # fmt: skip
+            if values is not None:
+                pairs += _ids_pairs(bufs, values)
         for buf, value in pairs:
             if value.shape != buf.shape:
                 raise ValueError(f"StaticStep.load: got shape {tuple(value.shape)}, the buffer is {tuple(buf.shape)}")
@@ -132,7 +169,9 @@ class StaticStep:
         """The step's device work: per-sample loss and gap (B,) after backward; gradients land in p.grad."""
         m = self.model
         z_t = m.q_sample(self.z0, self.t, self.noise)
-        loss, gap = apl_terms(m, self.em, z_t, self.t, self.private_ids, self.neutral_ids, self.g, self.reference_ids)
+        loss, gap = apl_terms(
+            m, self.em, z_t, self.t, self.private_ids, self.neutral_ids, self.g, self.reference_ids, self.cond_kwargs
+        )
         # With a GradScaler (fp16) the backward runs on loss * scale: the gradients come out scaled. The scale is a
         # device tensor that the scaler updates in place, so a captured graph reads the current one on each replay.
         (loss.mean() if self.scaler is None else self.scaler.scale(loss.mean())).backward()

@@ -20,6 +20,7 @@ from apl.images import SkipReport
 from apl.latent_cache import LatentCache
 from apl.people import NO_PHRASE_PROB, PREFIXES, general_prompts, load_people, load_templates, sample_identity_prompts
 from apl.runtime import UsageError, shipped_file
+from ldm.modules.prefix import tokenizer_of
 from ldm.util import to_device
 
 
@@ -203,7 +204,7 @@ def prepare_data(cfg, model, fabric, report: SkipReport) -> TrainData:
             general = caption_only_samples(prompts_file)
         general = general[: cfg.max_general] if cfg.max_general else general
     named = {f.name: people[f.name] for f in faces}
-    general, notes = make_room_for_prefix(general, named, templates, model.cond_stage_model.tokenizer, cfg.num_vectors)
+    general, notes = make_room_for_prefix(general, named, templates, tokenizer_of(model), cfg.num_vectors)
     progress = cfg.progress and fabric.is_global_zero
     device = fabric.device
 

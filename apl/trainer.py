@@ -13,7 +13,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,11 +37,12 @@ from apl.run_dir import (
     run_files,
     run_record,
 )
-from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, pick_dtype
+from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, native_image_size, pick_dtype
 from apl.step import REFERENCES, StaticStep
 from apl.train_data import DEFAULT_PROMPTS_FILE, clean_latents, plan_batch, prepare_data, step_noise
 from apl.train_log import TrainLog
 from ldm.modules.embedding_manager import INITS, check_vectors
+from ldm.modules.prefix import is_multi_encoder, make_prefix, tokenize_prompts
 
 STATE_VERSION = 1
 
@@ -59,7 +61,7 @@ class TrainConfig:
     diffusers_config_path: str | None = None  # set: also export the prefix in diffusers format
     devices: str | None = None  # GPU ids "0,1" (data-parallel); unset: GPU 0, or one CPU process without CUDA
     seperator: str | None = None  # accepted for command-line compatibility (ESD multi-word runs)
-    image_size: int = 512
+    image_size: int | None = None  # unset: the model's native size (its config's latent size x 8)
     ddim_steps: int = 50  # DDIM steps for self-generated general samples
     # --- data ---
     face_dir: str = "data/face"
@@ -192,7 +194,7 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--id_target {cfg.id_target!r}: choose attributes or empty")
     if cfg.general_source not in ("auto", "images", "generated"):
         raise UsageError(f"--general_source {cfg.general_source!r}: choose auto, images or generated")
-    if cfg.image_size % 8 or not 8 <= cfg.image_size <= 4096:
+    if cfg.image_size is not None and (cfg.image_size % 8 or not 8 <= cfg.image_size <= 4096):
         raise UsageError(f"--image_size {cfg.image_size}: must be a positive multiple of 8, at most 4096")
     if not 1 <= cfg.ddim_steps <= 500:
         raise UsageError(f"--ddim_steps {cfg.ddim_steps}: must be in 1..500 (DDIM over 1000 training timesteps)")
@@ -457,6 +459,8 @@ def _claim_outdir(cfg: TrainConfig, fabric) -> RunLock | None:
 def train(cfg: TrainConfig) -> Path:
     """Run training; returns the path of the final `.pt` prefix."""
     _check_config(cfg)
+    if cfg.image_size is None:  # SD v1 512, SDXL 1024, the tiny and toy models 64
+        cfg = replace(cfg, image_size=native_image_size(cfg.config_path))
     fabric = make_fabric(cfg)
     fabric.launch()
     lock = _claim_outdir(cfg, fabric)
@@ -478,7 +482,6 @@ def _interrupt(signum, frame) -> None:
 
 
 def _train(cfg: TrainConfig, fabric) -> Path:
-    from ldm.modules.embedding_manager import EmbeddingManager
 
     device = fabric.device
     if cfg.cuda_graph and device.type != "cuda":
@@ -505,13 +508,8 @@ def _train(cfg: TrainConfig, fabric) -> Path:
         model.model.diffusion_model.set_channels_last(True)
     if cfg.compile:
         model.model.diffusion_model = torch.compile(model.model.diffusion_model, mode=cfg.compile_mode)
-    em = EmbeddingManager(
-        model.cond_stage_model,
-        [cfg.placeholder],
-        cfg.num_vectors,
-        [cfg.init_word] if cfg.init_word else None,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        init=cfg.init,
+    em = make_prefix(  # one EmbeddingManager per text encoder (SD v1: one; SDXL: CLIP ViT-L and OpenCLIP bigG)
+        model, cfg.placeholder, cfg.num_vectors, cfg.init_word, torch.Generator().manual_seed(cfg.seed), cfg.init
     ).to(device)
     with torch.no_grad():  # the seeded init is the same everywhere; rank 0's copy makes sure of it
         for p in em.embedding_parameters():
@@ -554,10 +552,13 @@ def _train(cfg: TrainConfig, fabric) -> Path:
     shape = (model.channels, cfg.image_size // 8, cfg.image_size // 8)
     # The step's device work (text encoding, two UNet passes, loss, backward) on static buffers; with --cuda_graph
     # it is captured once and replayed. Token ids: the tokenizer caches whole prompts, so a step rarely runs BPE.
+    # SDXL's size conditioning says the image is image_size x image_size, uncropped (SD v1 has none).
+    sizes = {"target_size": (cfg.image_size, cfg.image_size)} if is_multi_encoder(model) else None
     device_step = StaticStep(
-        model, em, B, shape, cfg.negative_guidance, graph=cfg.cuda_graph, scaler=scaler, reference=cfg.reference
-    )
-    tokenize = model.cond_stage_model.tokenizer
+        model, em, B, shape, cfg.negative_guidance, graph=cfg.cuda_graph, scaler=scaler, reference=cfg.reference,
+        cond_kwargs=sizes,
+    )  # fmt: skip
+    tokenize = partial(tokenize_prompts, model)  # (B, 77) ids, or one (B, 77) per text encoder (SDXL)
     bar = tqdm(total=cfg.iterations, initial=start, desc="APL", unit="step", disable=not (rank0 and cfg.progress))
     # The prefix that last gave a finite loss, and its number of completed steps (restored on a NaN/inf).
     last_good, last_good_step = [p.detach().clone() for p in em.embedding_parameters()], start

@@ -156,7 +156,8 @@ def _cases(w: Path) -> list[Case]:
         Case("sample.py --steps 2000", "sample.py", [*smp, "--steps", "2000"], ("--steps", "[1, 500]")),
         Case("sample.py --H 72", "sample.py", [*smp, "--H", "72", "--W", "64"], ("72x64", "multiple of 16")),
         # 2. width and model family where a file is made
-        Case("SD 2.x prefix as SD v1 export", "export_prefix.py", exp("sd2.safetensors", "a1111", "x.pt"),
+        Case("SD 2.x prefix as SD v1 export", "export_prefix.py",
+             exp("sd2.safetensors", "a1111", "x.pt", "--base", "sd1"),
              ("1024-d", "SD 2.x", "--base sd2"), spawn=True),
         Case("tiny prefix as SD v1 export", "export_prefix.py", exp("tiny.safetensors", "diffusers", "x.safetensors"),
              ("32-d", "test or toy model", "--force")),

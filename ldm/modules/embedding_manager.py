@@ -196,7 +196,10 @@ def _refuse_model(entries: Mapping, path: Path) -> None:
 
 def _refuse_sdxl(entries: Mapping, path: Path) -> None:
     if {"clip_g", "clip_l"} <= set(entries):
-        raise EmbeddingFileError(f"{path} is an SDXL embedding (clip_g/clip_l vectors); APL is for SD v1.x (768-d).")
+        raise EmbeddingFileError(
+            f"{path} is an SDXL prefix (clip_l and clip_g vectors), and this is a single-encoder model (SD v1.x); use "
+            "it with an SDXL model (--config_path configs/sdxl/sd_xl_base.yaml and an SDXL checkpoint)."
+        )
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, int], dict[str, torch.Tensor], dict]:
@@ -323,7 +326,7 @@ class EmbeddingManager(nn.Module):
             raise ValueError(
                 f"EmbeddingManager: num_vectors_per_token must be a positive integer, got {num_vectors_per_token!r}."
             )
-        token_embedding = embedder.transformer.text_model.embeddings.token_embedding
+        token_embedding = embedder.token_embedding  # SD v1's CLIP, SDXL's CLIP ViT-L and OpenCLIP ViT-bigG alike
         self.tokenizer = embedder.tokenizer  # a plain object, not a submodule: the CLIP weights stay out of here
         self.num_vectors_per_token = num_vectors_per_token
         self.token_dim = token_embedding.weight.shape[1]
@@ -391,11 +394,11 @@ class EmbeddingManager(nn.Module):
         """The trainable vectors (the only parameters to optimise)."""
         return list(self.string_to_param_dict.values())
 
-    def forward(self, tokenized_text: torch.Tensor, embedded_text: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) and their token embeddings (B, L, D) -> embeddings with each placeholder expanded."""
-        B, L, D = embedded_text.shape
-        device, N = embedded_text.device, self.num_vectors_per_token
-        ids = tokenized_text.to(device)
+    def _sources(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For token ids (B, L): per output position of the expanded row, its source token (B, L), the index inside a
+        placeholder's N vectors, whether it comes from a placeholder, and which placeholder each token is."""
+        B, L = ids.shape
+        N = self.num_vectors_per_token
         slot = torch.full_like(ids, -1)  # (B, L) which placeholder a token is, -1 for ordinary tokens
         for k, token in enumerate(self.string_to_token_dict.values()):
             slot = torch.where(ids == token, k, slot)
@@ -405,10 +408,24 @@ class EmbeddingManager(nn.Module):
         # left, cut to L after each insertion): every cut only drops the tail, so the kept prefix is the same.
         width = torch.where(is_placeholder, N, 1)
         end = width.cumsum(1)  # (B, L), strictly increasing, end[:, -1] >= L
-        pos = torch.arange(L, device=device).expand(B, L).contiguous()
+        pos = torch.arange(L, device=ids.device).expand(B, L).contiguous()
         src = torch.searchsorted(end, pos, right=True)  # (B, L) source token of each output position
         offset = pos - (end.gather(1, src) - width.gather(1, src))  # index inside a placeholder's N vectors
-        from_placeholder = is_placeholder.gather(1, src)
+        return src, offset, is_placeholder.gather(1, src), slot
+
+    def expand_ids(self, tokenized_text: torch.Tensor) -> torch.Tensor:
+        """The token ids as the expanded row holds them (each placeholder repeated N times, the row cut back to its
+        length): where an encoder that pools at the end-of-text token (SDXL's OpenCLIP) finds it now."""
+        ids = tokenized_text
+        src, _, _, _ = self._sources(ids)
+        return ids.gather(1, src)
+
+    def forward(self, tokenized_text: torch.Tensor, embedded_text: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) and their token embeddings (B, L, D) -> embeddings with each placeholder expanded."""
+        B, L, D = embedded_text.shape
+        device, N = embedded_text.device, self.num_vectors_per_token
+        ids = tokenized_text.to(device)
+        src, offset, from_placeholder, slot = self._sources(ids)
         table = torch.cat(self.embedding_parameters()).to(device=device, dtype=embedded_text.dtype)  # (P*N, D)
         vectors = table[slot.gather(1, src).clamp(min=0) * N + offset.clamp(max=N - 1)]  # (B, L, D)
         tokens = embedded_text.gather(1, src.unsqueeze(-1).expand(B, L, D))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.modules.encoders.conditioner import SIZE_KEYS, TEXT_KEY, GeneralConditioner
+from ldm.modules.encoders.conditioner import SIZE_KEYS, TEXT_KEY, GeneralConditioner, hook_for
 
 Size = tuple[int, int] | Sequence[int] | torch.Tensor  # (height, width) in pixels, or (B, 2)
 
@@ -141,7 +141,7 @@ class DiffusionEngine(LatentDiffusion):
 
     def get_learned_conditioning(
         self,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[str] | Mapping[int, torch.Tensor],
         embedding_manager: Any = None,
         *,
         original_size: Size | None = None,
@@ -155,11 +155,20 @@ class DiffusionEngine(LatentDiffusion):
         native 1024 x 1024."""
         if isinstance(prompts, torch.Tensor):
             raise TypeError(
-                "SDXL's get_learned_conditioning takes prompts, not token ids: its two encoders pad differently."
+                "SDXL's get_learned_conditioning takes prompts, or token ids per text encoder {index: (B, 77)} "
+                "(tokenize_prompts), not one id tensor: its two encoders pad differently."
             )
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, Mapping):  # ids per encoder, made room for by the caller (training)
+            n = len(next(iter(prompts.values())))
+        else:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            n = len(prompts)
+            for i in self.conditioner.text_embedders:  # each encoder's prefix must leave room for the prompt
+                check = getattr(hook_for(embedding_manager, i), "check_prompts_fit", None)
+                if check is not None:
+                    check(prompts)
         batch: dict[str, Any] = {TEXT_KEY: prompts}
-        batch |= self._size_batch(len(prompts), original_size, crop_coords_top_left, target_size)
+        batch |= self._size_batch(n, original_size, crop_coords_top_left, target_size)
         return self.conditioner(batch, embedding_manager=embedding_manager)
 
     def get_unconditional_conditioning(

@@ -51,6 +51,9 @@ def hook_for(embedding_manager: Any, index: int) -> EmbeddingHook | None:
     embedders (a list, tuple or nn.ModuleList, None entries allowed)."""
     if embedding_manager is None:
         return None
+    hook = getattr(embedding_manager, "hook", None)  # ldm.modules.prefix.PrefixSet: one manager per encoder
+    if callable(hook):
+        return hook(index)
     if isinstance(embedding_manager, Mapping):
         return embedding_manager.get(index)
     if isinstance(embedding_manager, (list, tuple, nn.ModuleList)):
@@ -112,7 +115,10 @@ class GeneralConditioner(nn.Module):
             if key not in batch:
                 raise KeyError(f"GeneralConditioner: embedder {i} reads {key!r}, which the batch lacks.")
             if key == TEXT_KEY:
-                result = embedder(batch[key], embedding_manager=hook_for(embedding_manager, i))
+                text = batch[key]
+                if isinstance(text, Mapping):  # token ids per embedder {index: (B, 77)}: the encoders pad differently
+                    text = text[i]
+                result = embedder(text, embedding_manager=hook_for(embedding_manager, i))
             else:
                 result = embedder(batch[key])
             for t in result if isinstance(result, tuple) else (result,):
