@@ -43,7 +43,7 @@ def test_clean_latents_reparameterisation():
     mean = torch.randn(3, 4, 4, 4)
     logvar = torch.full((3, 4, 4, 4), 2 * torch.log(torch.tensor(2.0)).item())  # std 2, var 4
     data.face_latents = torch.cat([mean, logvar], 1)
-    plan = [PlannedSample("id", 2, "", "", ""), PlannedSample("general", 4, "", "", ""), PlannedSample("id", 0, "", "", "")]
+    plan = [PlannedSample(kind, i, "", "", "") for kind, i in (("id", 2), ("general", 4), ("id", 0))]
     eps = torch.randn(3, 4, 4, 4)
     z = clean_latents(data, plan, eps, 0.18215)
     torch.testing.assert_close(z[0], 0.18215 * (mean[2] + 2.0 * eps[0]))
