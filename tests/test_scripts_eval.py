@@ -110,7 +110,7 @@ def test_test_id_generates_both_modes_and_writes_reports(tmp_path, capsys, backe
     without_img = np.asarray(Image.open(out / "images/without/Tom Hanks-0.png"), dtype=int)
     assert np.abs(with_img - without_img).mean() > 1.0
     report = (out / "report.md").read_text()
-    assert "| with |" in report and "| without |" in report and "grids/Tom%20Hanks.png" in report
+    assert "| with prefix |" in report and "| without prefix |" in report and "grids/Tom%20Hanks.png" in report
     assert Image.open(out / "grids/Tom Hanks.png").size[1] > Image.open(out / "grids/Tom Hanks.png").size[0] / 2
 
 

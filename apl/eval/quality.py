@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from apl.eval.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, INCEPTION_ENV, INCEPTION_FILE
 from apl.eval.images import LoadReport, load_image_folder
 
 __all__ = [
@@ -29,10 +30,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_ENV = "APL_INCEPTION_WEIGHTS"
-DEFAULT_CLIP_MODEL = "ViT-g-14"  # what the original APL scored with
-DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b88k"
 
 
 class ClipWeightsMissing(FileNotFoundError):

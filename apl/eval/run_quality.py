@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from apl.eval.defaults import DEFAULT_PROMPTS
 from apl.eval.generation import (
     Job,
     generate,
@@ -41,8 +42,6 @@ from apl.io import atomic_write_text
 from apl.people import load_indexed_prompts, load_prompts
 from apl.plugins import call_with_accepted, load_plugin
 from apl.runtime import UsageError, pick_device
-
-DEFAULT_PROMPTS = "prompts_person.txt"  # ships with the repository: everyday captions of people
 
 
 def prompt_pair(line: str, placeholder: str) -> tuple[str, str]:
