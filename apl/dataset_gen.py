@@ -21,9 +21,9 @@ import numpy as np
 from apl.eval.checks import is_blank
 from apl.eval.faces import FaceBackend
 from apl.eval.generation import Job, check_name, generate, image_seed, load_model_and_prefix, shipped
+from apl.eval.id_inputs import backend_from_args, gt_names_path
 from apl.eval.id_metrics import ground_truth_from_groups, save_ground_truth
 from apl.eval.images import LoadReport
-from apl.eval.run_id import backend_from_args, gt_names_path
 from apl.io import atomic_write_text
 from apl.people import PREFIXES, load_people, load_templates
 from apl.runtime import UsageError

@@ -196,6 +196,10 @@ def used_checkpoint(config_path: str, ckpt_path: str | None) -> str | None:
     return str(ckpt_path)
 
 
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def check_prompt_room(gen: LoadedModel, prompts: Sequence[str], source: str) -> None:
     """Refuse prompts that the prefix would push past CLIP's 75 content tokens: the text encoder would cut their
     end (and the end-of-text token) on the prefix side only, so 'with' and 'without' would see different prompts."""
@@ -210,7 +214,7 @@ def check_prompt_room(gen: LoadedModel, prompts: Sequence[str], source: str) -> 
         need = len(ids) + extra * sum(i in tokens for i in ids)
         if need > MAX_CONTENT_TOKENS:
             raise UsageError(
-                f"{source}: the prompt {prompt!r} has {len(ids)} tokens; with the {em.num_vectors_per_token}-vector "
-                f"prefix it needs {need} of CLIP's {MAX_CONTENT_TOKENS}, so its end would be cut on the prefix side "
-                f"only. Shorten it by {need - MAX_CONTENT_TOKENS} tokens or more"
+                f"{source}: the prompt {_short(prompt)!r} has {len(ids)} tokens; with the "
+                f"{em.num_vectors_per_token}-vector prefix it needs {need} of CLIP's {MAX_CONTENT_TOKENS}, so its end "
+                f"would be cut on the prefix side only. Shorten it by {need - MAX_CONTENT_TOKENS} tokens or more"
             )

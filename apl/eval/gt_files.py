@@ -73,7 +73,7 @@ def _read_npy(npy_path: Path) -> np.ndarray:
     if embs.ndim != 2 or embs.shape[0] == 0 or embs.shape[1] == 0:
         raise ValueError(f"{npy_path} must hold an (N, D) array of embeddings, got shape {embs.shape}.")
     if not np.issubdtype(embs.dtype, np.floating):
-        raise ValueError(f"{npy_path} holds {embs.dtype} values; face embeddings are floating-point ({_REWRITE}).")
+        raise ValueError(f"{npy_path} holds {embs.dtype} values, but face embeddings are floating-point; {_REWRITE}.")
     return embs
 
 
@@ -105,7 +105,8 @@ def read_ground_truth(npy_path: str | Path, names_path: str | Path) -> tuple[dic
     npy_path, names_path = Path(npy_path), Path(names_path)
     for p, what in ((npy_path, "ground-truth embeddings (.npy)"), (names_path, "ground-truth names file")):
         if not p.is_file():
-            raise FileNotFoundError(f"The {what} {p} does not exist.")
+            raise FileNotFoundError(f"The {what} {p} does not exist; dataset_generation.py --gt_npy writes the .npy "
+                                    "and its names file together, or pass --gt_folder with reference photos.")
     embs = _read_npy(npy_path)
     lines = names_path.read_text(encoding="utf-8-sig").splitlines()
     header = next((ln for ln in lines if ln.startswith(HEADER_TAG)), None)

@@ -10,10 +10,7 @@ the same seed again, so a set differs from the default only by its prompts.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +28,8 @@ from apl.eval.checks import (
     prefix_effect_alert,
     warning_line,
 )
-from apl.eval.defaults import DEFAULT_DET_SIZE, DEFAULT_DET_THRESH, DEFAULT_TEMPLATE
-from apl.eval.faces import FaceBackend, make_backend
+from apl.eval.defaults import DEFAULT_TEMPLATE
+from apl.eval.faces import FaceBackend
 from apl.eval.generation import (
     Job,
     check_name,
@@ -46,12 +43,10 @@ from apl.eval.generation import (
     used_checkpoint,
     with_prefix,
 )
-from apl.eval.gt_files import read_ground_truth
+from apl.eval.id_inputs import backend_from_args, backend_threshold, gt_names_path, load_gt  # noqa: F401
 from apl.eval.id_metrics import (
     IdentityResult,
     IdentityTable,
-    default_id_threshold,
-    ground_truth_from_folder,
     reference_images,
     summarize,
     write_identity_csv,
@@ -68,9 +63,9 @@ from apl.eval.images import (
     load_pil_rgb,
 )
 from apl.eval.stats import ID_FIGURES, bootstrap_id, intervals, pack_rows, paired_differences
+from apl.eval.templates import DEFAULT_SET, TemplateSet, check_template, load_template_sets  # noqa: F401
 from apl.io import atomic_save, atomic_write_text
-from apl.people import PREFIXES, load_people
-from apl.plugins import is_plugin_spec, load_plugin
+from apl.people import load_people
 from apl.runtime import UsageError
 from ldm.sampling import make_grid
 
@@ -80,70 +75,12 @@ logger = logging.getLogger(__name__)
 
 MODES = ("with", "without")
 GRID_THUMB = 256  # longest side of an image in the per-identity grids
-DEFAULT_SET = "default"  # the template set of --prompt_template
 SETS_DIR = "template_sets"
 
 # Flags that only shape generated images: with --image_folder they do nothing (warned about, not recorded).
 GENERATION_FLAGS = ("ckpt_path", "config_path", "precision", "embedding", "mode", "placeholder", "n_samples",
                     "batch_size", "steps", "scale", "seed", "negative_prompt", "prompt_template",
                     "prompt_templates_file")
-
-
-def gt_names_path(gt_npy: str, gt_names: str | None) -> str:
-    """The names file that goes with a ground-truth .npy: the explicit one, else <stem>_names.txt beside it."""
-    if gt_names:
-        return gt_names
-    stem = gt_npy[: -len(".npy")] if gt_npy.endswith(".npy") else gt_npy
-    return f"{stem}_names.txt"
-
-
-def _accepts(factory: object, param: str) -> bool:
-    """Whether a plug-in factory takes keyword `param` (or any keyword)."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return True
-    return param in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def backend_from_args(args: argparse.Namespace) -> FaceBackend:
-    """The face backend named by --face_backend and its flags (loaded now, so missing models fail early).
-
-    --det_thresh / --det_size given to a backend that has no such setting are refused: silently ignoring them
-    would let a user believe they changed what counts as a face."""
-    name = args.face_backend
-    det_thresh, det_size = getattr(args, "det_thresh", None), getattr(args, "det_size", None)
-    given = {"--det_thresh": det_thresh, "--det_size": det_size}
-    if name == "insightface":
-        return make_backend(
-            "insightface",
-            pack=args.insightface_pack,
-            root=args.insightface_root,
-            det_thresh=DEFAULT_DET_THRESH if det_thresh is None else det_thresh,
-            det_size=DEFAULT_DET_SIZE if det_size is None else det_size,
-            device=args.device,  # 'auto' picks onnxruntime's CUDA provider when it has one
-        )
-    if name == "dlib":
-        for flag, value in given.items():
-            if value is not None:
-                raise UsageError(
-                    f"{flag} {value} has no effect with --face_backend dlib (its HOG detector has no confidence "
-                    f"threshold or input size): remove {flag}, or use --face_backend insightface"
-                )
-        return make_backend("dlib", device="cpu" if args.device == "auto" else args.device)
-    if is_plugin_spec(name):
-        factory = load_plugin(name, "--face_backend")
-        for flag, value in given.items():
-            if value is not None and not _accepts(factory, flag[2:]):
-                raise UsageError(f"{flag} {value}: the plug-in face backend {name} has no {flag[2:]} setting, so it "
-                                 f"would be ignored; remove {flag}")
-    return make_backend(name, det_thresh=det_thresh, det_size=det_size, device=args.device)
-
-
-def backend_threshold(backend: FaceBackend) -> float:
-    """The backend's own default ID threshold (plug-ins may set `default_id_threshold`), else the built-in one."""
-    own = getattr(backend, "default_id_threshold", None)
-    return float(own) if own is not None else default_id_threshold(backend.name)
 
 
 @dataclass
@@ -183,72 +120,6 @@ def collect_folder(folder: str | Path) -> ImageSets:
     if not any(out.sets.values()):
         raise UsageError(f"--image_folder {folder} has no images named <Name>-<k>.png (or with/, without/ folders)")
     return out
-
-
-def check_template(template: str, where: str = "--prompt_template") -> None:
-    """A template must fill in {name} and nothing else; say so before any model is loaded."""
-    braces = "write literal braces as {{ and }}"
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as err:
-        raise UsageError(f"{where} {template!r} is not a valid template ({err}); {braces}") from err
-    extra = list(dict.fromkeys(f for f in fields if f != "name"))
-    if extra:
-        shown = ", ".join("{" + f + "}" for f in extra)
-        raise UsageError(
-            f"{where} {template!r} uses {shown}, but only {{name}} is filled in (with each person's "
-            f"name); remove the other fields or {braces}"
-        )
-    if "name" not in fields:
-        raise UsageError(f"{where} {template!r} must contain {{name}}")
-
-
-@dataclass
-class TemplateSet:
-    """Prompts one evaluation is run on: image k of a person uses templates[k % len(templates)]."""
-
-    name: str
-    templates: list[str]
-    source: str | None = None  # the file it came from (None for --prompt_template)
-
-    @property
-    def training_form(self) -> bool:
-        """True when every template is a prefix + name alone, the form train.py draws most often."""
-        return all(t in {p + "{name}" for p in PREFIXES} for t in self.templates)
-
-
-_SET_NAME = re.compile(r"[^\w.-]+")
-
-
-def load_template_sets(template: str, files: Sequence[str] | None) -> list[TemplateSet]:
-    """The default set (--prompt_template) and one set per --prompt_templates_file, each template checked."""
-    check_template(template)
-    sets = [TemplateSet(DEFAULT_SET, [template])]
-    for file in files or []:
-        path = Path(shipped(file))
-        if not path.is_file():
-            raise UsageError(f"--prompt_templates_file {file} does not exist; give a text file of templates with "
-                             "{name}, one per line")
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as err:
-            raise UsageError(f"--prompt_templates_file {file} is not UTF-8 text ({err})") from err
-        templates = []
-        for lineno, line in enumerate(lines, start=1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            check_template(text, f"--prompt_templates_file {file}:{lineno}:")
-            templates.append(text)
-        templates = list(dict.fromkeys(templates))
-        if not templates:
-            raise UsageError(f"--prompt_templates_file {file} has no templates (only blank or '#' lines)")
-        name = _SET_NAME.sub("_", path.stem).strip("._") or "templates"
-        if name in {s.name for s in sets}:
-            raise UsageError(f"--prompt_templates_file {file}: a template set named {name!r} already exists (sets are "
-                             f"named by file name, and {DEFAULT_SET!r} is --prompt_template's); rename the file")
-        sets.append(TemplateSet(name, templates, str(file)))
-    return sets
 
 
 def resolve_identity_names(args: argparse.Namespace, fallback: list[str]) -> list[str]:
@@ -371,58 +242,6 @@ def write_grids(sets: dict[str, dict[str, list[Path]]], names: list[str], folder
         atomic_save(lambda tmp, grid=grid: grid.save(tmp, format="PNG"), path)
         out[name] = path
     return out
-
-
-def load_gt(args: argparse.Namespace, backend: FaceBackend, alerts: list[Alert]) -> tuple[dict[str, np.ndarray], dict]:
-    """Ground truth from --gt_npy/--gt_names or --gt_folder, and a description for the summary."""
-    if bool(args.gt_npy) == bool(args.gt_folder):
-        raise UsageError(
-            "give the ground truth with exactly one of --gt_npy FILE.npy (+ --gt_names) or "
-            "--gt_folder DIR (reference photos)"
-        )
-    if args.gt_folder and args.gt_names:
-        raise UsageError(f"--gt_names {args.gt_names} names the rows of a --gt_npy file; with --gt_folder the names "
-                         "come from the photos' file names, so remove --gt_names")
-    if args.gt_npy:
-        names = gt_names_path(args.gt_npy, args.gt_names)
-        gt, link = read_ground_truth(args.gt_npy, names)
-        if link.backend and link.backend != backend.name:
-            raise UsageError(
-                f"--gt_npy {args.gt_npy} was made with the {link.backend} face backend (its names file says so) but "
-                f"this run scores with {backend.name}: the embeddings do not compare. Pass --face_backend "
-                f"{link.backend}, or recompute the ground truth with this backend (dataset_generation.py --gt_npy)."
-            )
-        check_gt_dim(gt, backend, f"--gt_npy {args.gt_npy}")
-        if not link.linked:
-            alerts.append(Alert("gt_unlinked", f"{names} has no '# apl-ground-truth' header (written before names "
-                                f"files were linked to their .npy), so nothing shows that its line i names row i of "
-                                f"{args.gt_npy}. Rerun dataset_generation.py --gt_npy {args.gt_npy} on the same "
-                                "--outdir to write a linked pair."))
-        dims = {v.shape[0] for v in gt.values()}
-        return gt, {"source": "npy", "npy": args.gt_npy, "names": names, "dim": sorted(dims), "linked": link.linked,
-                    "npy_sha256": link.npy_sha256, "backend": link.backend}
-    report = LoadReport()
-    gt = ground_truth_from_folder(args.gt_folder, backend, report)
-    return gt, {"source": "folder", "folder": args.gt_folder, **report.as_dict()}
-
-
-# Which backend makes embeddings of a size, for the error message when --gt_npy came from another one.
-_BACKEND_OF_DIM = {512: "insightface", 128: "dlib"}
-
-
-def check_gt_dim(gt: dict[str, np.ndarray], backend: FaceBackend, source: str) -> None:
-    """Ground truth must have the backend's embedding size (a 128-d dlib .npy cannot score ArcFace faces)."""
-    want = getattr(backend, "embedding_dim", None)
-    dims = sorted({int(np.asarray(v).size) for v in gt.values()})
-    if want is None or dims == [want]:
-        return
-    guess = ", ".join(f"{d}-d is {_BACKEND_OF_DIM[d]}" for d in dims if d in _BACKEND_OF_DIM)
-    raise UsageError(
-        f"{source} holds {'/'.join(map(str, dims))}-d embeddings but the {backend.name} face backend makes {want}-d "
-        f"ones{f' ({guess})' if guess else ''}: ground truth and scoring must use the same --face_backend. Pass "
-        "the matching --face_backend, or recompute the ground truth with this one (dataset_generation.py --gt_npy, "
-        "or --gt_folder)."
-    )
 
 
 def _ignored_flags(args: argparse.Namespace, image_folder: bool) -> list[str]:
@@ -590,10 +409,10 @@ def run_test_id(args: argparse.Namespace) -> dict:
             if scored_mode.stats.n and scored_mode.stats.blank == scored_mode.stats.n:
                 where = f"{set_name}/{mode}" if set_name != DEFAULT_SET else mode
                 raise ValueError(
-                    f"all {scored_mode.stats.n} images of '{where}' are one flat colour (e.g. black): the model or "
-                    "the prefix produces no picture (NaN or exploding values in the checkpoint or the prefix?). "
-                    "Scored, they would read as perfect anonymisation, so nothing is reported; look at the images "
-                    f"in {outdir if not image_folder else args.image_folder}"
+                    f"every one of the {scored_mode.stats.n} images of '{where}' is one flat colour (e.g. black): the "
+                    "model or the prefix produces no picture (NaN or exploding values in the checkpoint or the "
+                    "prefix?). Scored, they would read as perfect anonymisation, so nothing is reported; look at the "
+                    f"images in {outdir if not image_folder else args.image_folder}"
                 )
             scores[set_name][mode] = scored_mode
     if not any(sc.results for per_mode in scores.values() for sc in per_mode.values()):
