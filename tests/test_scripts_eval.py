@@ -200,6 +200,50 @@ def test_test_id_refuses_ground_truth_of_another_backend_before_generating(tmp_p
     assert backend.embedding_dim == 512  # asked from the pack's recogniser
 
 
+def test_test_id_template_sets_are_scored_and_reported_per_set(tmp_path, capsys, face_flags, embedding, gt_files):
+    gt_npy, _ = gt_files
+    held = tmp_path / "held_out.txt"
+    held.write_text("# prompts train.py never uses\n{name} at the beach\nA painting of {name}\n")
+    out = tmp_path / "id"
+    argv = [*TINY, "--embedding", embedding, "--gt_npy", gt_npy, "--names", "Tom Hanks", "Ada Lovelace",
+            "--n_samples", 2, "--outdir", out, *face_flags, "--prompt_templates_file", held, "--bootstrap", 200]
+    rc, stdout, err = _run(test_id.main, argv, capsys)
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["template_sets"]) == ["default", "held_out"]
+    sets = s["template_sets"]
+    assert sets["held_out"]["templates"] == ["{name} at the beach", "A painting of {name}"]
+    assert sets["default"]["modes"] == s["modes"] and "train.py" in sets["default"]["note"]
+    for mode in ("with", "without"):
+        for k in range(2):
+            assert (out / "template_sets" / "held_out" / "images" / mode / f"Ada Lovelace-{k}.png").is_file()
+        entry = sets["held_out"]["modes"][mode]
+        assert entry["n_images"] == 4 and set(entry["ci95"]) >= {"mean_of_mean", "mean_of_max", "id_accuracy",
+                                                                 "no_face_rate", "mean_sim_faces"}
+        assert "ci95" in sets["held_out"]["vs_default"][mode]
+    assert (out / "template_sets" / "held_out" / "identity_with.csv").is_file()
+    assert "ci95" in sets["held_out"]["with_vs_without"] and s["with_vs_without"] is not None
+    assert "template set 'held_out' (2 templates):" in stdout and "n/id" in stdout
+    report = (out / "report.md").read_text()
+    assert "## Template set `held_out`" in report and "- `{name} at the beach`" in report
+    # The same seeds in every set: only the prompt differs, so image k of a set differs from the default's.
+    a = np.asarray(Image.open(out / "images" / "without" / "Ada Lovelace-1.png"), dtype=int)
+    b = np.asarray(Image.open(out / "template_sets" / "held_out" / "images" / "without" / "Ada Lovelace-1.png"),
+                   dtype=int)
+    assert a.shape == b.shape and np.abs(a - b).mean() > 0
+    # Rescoring the outdir finds the sets again and gives the same numbers.
+    again = tmp_path / "again"
+    rc, _, err = _run(test_id.main, ["--image_folder", out, "--gt_npy", gt_npy, "--outdir", again, *face_flags,
+                                     "--bootstrap", 200], capsys)
+    assert rc == 0, err
+    s2 = json.loads((again / "summary.json").read_text())
+    for name in ("default", "held_out"):
+        for mode in ("with", "without"):
+            assert s2["template_sets"][name]["modes"][mode]["mean_of_mean"] == pytest.approx(
+                sets[name]["modes"][mode]["mean_of_mean"])
+            assert s2["template_sets"][name]["modes"][mode]["ci95"] == sets[name]["modes"][mode]["ci95"]
+
+
 def test_test_id_scores_only_its_own_images_and_warns_about_stale_ones(tmp_path, capsys, face_flags, gt_files):
     gt_npy, _ = gt_files
     out = tmp_path / "id"
@@ -293,6 +337,29 @@ def test_fid_clip_score_end_to_end(tmp_path, capsys, embedding, clip_weights, ti
     assert summary["paired"]["n"] == 3 and summary["paired"]["pixel_mae_mean"] == pytest.approx(np.mean(mae))
     assert summary["paired"]["pixel_mae_mean"] > 0  # the strong random prefix does move the tiny model's images
     assert "mean absolute pixel difference" in stdout
+    # Independent seeds for the with/without comparison, and the same-model floor beside it; KID with its spread.
+    indep = [Image.open(p).convert("RGB") for p in sorted((out / "images" / "without_independent").glob("*.png"))]
+    assert len(indep) == 3 and not any(np.array_equal(np.asarray(a), np.asarray(b))
+                                       for a, b in zip(indep, images["without"], strict=True))
+    assert summary["fid"]["without_independent_vs_with"] == pytest.approx(
+        fid_between(fid, indep, images["with"]), rel=1e-4, abs=1e-6)
+    assert set(summary["fid"]) == set(summary["kid"]) == set(summary["fid_n"]) == {
+        "ref_vs_with", "ref_vs_without", "without_vs_with", "without_independent_vs_with",
+        "without_vs_without_independent"}
+    kid = summary["kid"]["without_independent_vs_with"]
+    assert kid["subset_size"] == 2 and kid["subsets"] == 100 and kid["kid_interval95"][0] <= kid["kid_mean"]
+    assert summary["fid_n"]["ref_vs_with"] == [4, 3] and summary["fid_feature_dim"] == 8
+    assert "fid_small_n" in {w["code"] for w in summary["warnings"]} and "WARNING [fid_small_n]" in stdout
+    # 95 % bootstrap intervals over prompts, around the point values.
+    for mode in ("with", "without"):
+        lo, hi = summary["clip"][mode]["ci95"]["clip_score"]
+        assert lo <= summary["clip"][mode]["clip_score"] <= hi
+    lo, hi = summary["paired"]["ci95"]["pixel_mae_mean"]
+    assert lo <= summary["paired"]["pixel_mae_mean"] <= hi
+    assert summary["bootstrap"] == {"resamples": 1000, "level": "identities", "seed": 0, "unit": "prompts",
+                                    "interval": "95 % percentile"}
+    assert summary["clip"]["with_minus_without"]["ci95"] is not None
+    assert summary["settings"]["independent_set"] is True and summary["settings"]["embedding"] == str(embedding)
 
 
 def test_fid_feature_plugin_is_used(tmp_path, capsys, embedding):
