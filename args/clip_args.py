@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable, Sequence
 
 from apl.eval.defaults import (
@@ -107,6 +108,16 @@ def det_size(text: str) -> int:
     return value
 
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def device_name(text: str) -> str:
+    """argparse type for --device: auto, cpu, cuda, cuda:N or mps (whether it exists is checked when used)."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
 def _face_backend(text: str) -> str:
     """argparse type: a built-in face backend or a plug-in 'package.module:Class' (imported later, when used)."""
     if text in ("insightface", "dlib") or is_plugin_spec(text):
@@ -140,7 +151,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="Weights/compute dtype.")
     g.add_argument(
-        "--device", default="auto", help="Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'."
+        "--device",
+        type=device_name,
+        default="auto",
+        help="Torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.",
     )
 
 

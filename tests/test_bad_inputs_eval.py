@@ -122,6 +122,7 @@ def world(tmp_path_factory, tiny_model) -> dict[str, Path]:
     (d / "trunc.npy").write_bytes((d / "gt.npy").read_bytes()[:60])
     (d / "trunc_names.txt").write_text("\n".join(NAMES) + "\n")
     (d / "dupe_names.txt").write_text(f"{NAMES[0]}\n{NAMES[0]}\n{NAMES[1]}\n")
+    (d / "latin1_names.txt").write_bytes("José\nMüller\nZoë\n".encode("latin-1"))
     # Class 9: image folders. Faces erased by the 'prefix' (toy scenes without a person) against reference photos.
     rng = random.Random(0)
     for name in NAMES:
@@ -267,6 +268,10 @@ ERRORS = [
     Case("gt_npy_missing", "other", ID, ["--gt_npy", "{d}/none.npy", "--face_backend", TOY, "--image_folder",
                                          "{d}/flat"], ("none.npy",)),
     Case("unknown_backend", "other", ID, ["--face_backend", "nope"], ("--face_backend", "nope")),
+    Case("q_unknown_device", "other", Q, ["--device", "foo"], ("--device", "'foo'")),  # was a RuntimeError traceback
+    Case("names_not_utf8", "other", ID, ["--gt_npy", "{d}/gt.npy", "--gt_names", "{d}/latin1_names.txt",
+                                         "--face_backend", TOY, "--image_folder", "{d}/flat"],
+         ("latin1_names.txt", "not UTF-8")),
 ]
 
 
@@ -344,3 +349,17 @@ def test_dataset_generation_names_the_flags_it_ignores_and_links_its_ground_trut
                          "--negative_prompt", ""])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--det_thresh ignored: faces are only detected with --gt_npy" in proc.stdout
+
+
+def test_quality_names_the_flags_it_ignores(world):
+    d = world["dir"]
+    (d / "one.txt").write_text("A dog on a beach.\n")
+    out = d / "q_ignored"
+    proc = run_here(Q, [*TINY, "--mode", "without", "--prompts_file", d / "one.txt", "--skip_clip", "--skip_fid",
+                        "--clip_model", "ViT-B-32", "--kid_subsets", "5", "--embedding", d / "alz.pt",
+                        "--outdir", out])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = _summary(out)
+    assert s["ignored_flags"] == ["--clip_model", "--kid_subsets", "--embedding"]
+    assert "--clip_model, --kid_subsets, --embedding ignored" in proc.stdout
+    assert "clip_model" not in s["settings"] and "embedding" not in s["settings"]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -112,6 +113,8 @@ def load_model_and_prefix(
 ) -> LoadedModel:
     """The SD model (and APL prefix when `embedding` is given) for a script run."""
     dev = pick_device(device)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: this machine has no usable Apple MPS backend; use --device cpu or cuda")
     config_path = shipped(config_path)
     if not Path(config_path).is_file():
         raise UsageError(f"--config_path {config_path} does not exist; use configs/stable-diffusion/v1-inference.yaml")

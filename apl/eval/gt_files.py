@@ -108,7 +108,11 @@ def read_ground_truth(npy_path: str | Path, names_path: str | Path) -> tuple[dic
             raise FileNotFoundError(f"The {what} {p} does not exist; dataset_generation.py --gt_npy writes the .npy "
                                     "and its names file together, or pass --gt_folder with reference photos.")
     embs = _read_npy(npy_path)
-    lines = names_path.read_text(encoding="utf-8-sig").splitlines()
+    try:
+        lines = names_path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"the names file {names_path} is not UTF-8 text ({err}); save it as UTF-8, one name a "
+                         "line") from err
     header = next((ln for ln in lines if ln.startswith(HEADER_TAG)), None)
     # Blank lines (e.g. a trailing newline) and '#' comments are not names.
     names = [clean_name(ln) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]

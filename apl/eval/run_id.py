@@ -250,6 +250,8 @@ def _ignored_flags(args: argparse.Namespace, image_folder: bool) -> list[str]:
     ignored = [f for f in GENERATION_FLAGS if f in given] if image_folder else []
     if not image_folder and args.mode == "without":
         ignored += [f for f in ("embedding", "placeholder") if f in given]
+    if not getattr(args, "bootstrap", 0):
+        ignored += [f for f in ("bootstrap_level", "bootstrap_seed") if f in given]
     return [f"--{f}" for f in ignored]
 
 
@@ -325,8 +327,8 @@ def run_test_id(args: argparse.Namespace) -> dict:
     notes: list[str] = []
     ignored = _ignored_flags(args, image_folder)
     if ignored:
-        why = "--image_folder scores existing images" if image_folder else "--mode without uses no prefix"
-        print(f"warning: {', '.join(ignored)} ignored ({why}); not recorded in summary.json")
+        why = "--image_folder scores existing images; " if image_folder else ""
+        print(f"warning: {', '.join(ignored)} ignored ({why}not used by this run, not recorded in summary.json)")
     # Face models and ground truth first: a missing pack or bad .npy must fail before any image is generated.
     backend = backend_from_args(args)
     threshold = args.id_threshold if args.id_threshold is not None else backend_threshold(backend)

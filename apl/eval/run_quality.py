@@ -125,6 +125,21 @@ def distances(feats: dict[str, torch.Tensor], pairs: list[tuple[str, str]], args
     return out
 
 
+CLIP_FLAGS = ("clip_model", "clip_pretrained")
+FID_FLAGS = ("fid_ref", "fid_feature", "inception_weights", "fid_antialias", "kid_subsets", "kid_subset_size",
+             "independent_set")
+
+
+def ignored_flags(args: argparse.Namespace, want_fid: bool) -> list[str]:
+    """Flags given on the command line that this run does not use (named once, not recorded as settings)."""
+    given = getattr(args, "given_flags", None) or frozenset()
+    unused = [f for f in CLIP_FLAGS if args.skip_clip and f in given]
+    unused += [f for f in FID_FLAGS if not want_fid and f in given]
+    unused += [f for f in ("embedding", "placeholder") if args.mode == "without" and f in given]
+    unused += [f for f in ("bootstrap_level", "bootstrap_seed") if not getattr(args, "bootstrap", 0) and f in given]
+    return [f"--{f}" for f in unused]
+
+
 def run_quality(args: argparse.Namespace, fid_feature: str | torch.nn.Module = "inception") -> dict:
     """Generate, score and write `clip_scores.csv` + `summary.json` into --outdir; returns the summary.
 
@@ -148,6 +163,10 @@ def run_quality(args: argparse.Namespace, fid_feature: str | torch.nn.Module = "
     want_fid = not args.skip_fid and (args.fid_ref is not None or len(modes) == 2)
     if not args.skip_fid and not want_fid:
         summary["notes"].append("FID skipped: give --fid_ref DIR or --mode both")
+    unused = ignored_flags(args, want_fid)
+    if unused:
+        print(f"warning: {', '.join(unused)} ignored (not used by this run, not recorded in summary.json)")
+        summary["ignored_flags"] = unused
     if want_fid and len(prompts) * args.n_samples < 2:
         raise UsageError(f"FID needs at least 2 generated images per set; {len(prompts)} prompt(s) x --n_samples "
                          f"{args.n_samples} gives fewer (raise --n_samples or pass --skip_fid)")
