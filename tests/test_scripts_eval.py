@@ -244,6 +244,34 @@ def test_test_id_template_sets_are_scored_and_reported_per_set(tmp_path, capsys,
             assert s2["template_sets"][name]["modes"][mode]["ci95"] == sets[name]["modes"][mode]["ci95"]
 
 
+def test_test_id_bootstrap_flags(tmp_path, capsys, face_flags):
+    """--bootstrap N resamples, --bootstrap_seed makes the intervals repeatable, --bootstrap_level two_level."""
+    ref, images = tmp_path / "ref", tmp_path / "images"
+    ref.mkdir()
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(ref / f"P{i}-0.png")
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"P{i}-{k}.png")
+
+    def ci(*extra):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        rc, _, err = _run(test_id.main, ["--image_folder", images, "--gt_folder", ref, "--outdir", out, *face_flags,
+                                         *extra], capsys)
+        assert rc == 0, err
+        s = json.loads((out / "summary.json").read_text())
+        return s["modes"]["images"]["ci95"]["mean_of_mean"], s["bootstrap"]
+
+    a, boot = ci("--bootstrap", 300, "--bootstrap_seed", 5)
+    assert boot == {"resamples": 300, "level": "identities", "seed": 5, "unit": "identities",
+                    "interval": "95 % percentile"}
+    assert ci("--bootstrap", 300, "--bootstrap_seed", 5)[0] == a
+    assert ci("--bootstrap", 300, "--bootstrap_seed", 6)[0] != a
+    two, boot = ci("--bootstrap", 300, "--bootstrap_seed", 5, "--bootstrap_level", "two_level")
+    assert boot["level"] == "two_level" and two != a
+
+
 def test_test_id_scores_only_its_own_images_and_warns_about_stale_ones(tmp_path, capsys, face_flags, gt_files):
     gt_npy, _ = gt_files
     out = tmp_path / "id"
@@ -368,11 +396,17 @@ def test_fid_feature_plugin_is_used(tmp_path, capsys, embedding):
     prompts.write_text("A man.\nA woman.\nA dog.\n")
     out = tmp_path / "q"
     argv = [*TINY, "--embedding", embedding, "--prompts_file", prompts, "--n_samples", 1, "--skip_clip",
+            "--no-independent_set", "--kid_subsets", 7, "--kid_subset_size", 1000, "--bootstrap", 0,
             "--fid_feature", "eval_stand_ins:TinyFeatures", "--outdir", out]
     rc, stdout, err = _run(test_fid_clip_score.main, argv, capsys)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fid_feature"] == "eval_stand_ins:TinyFeatures" and "FID features: eval_stand_ins" in stdout
+    # --no-independent_set: only the same-seed comparison; KID over 7 subsets of (capped) 1 of 3 -> 2 images.
+    assert list(summary["fid"]) == ["without_vs_with"] and not (out / "images" / "without_independent").exists()
+    assert summary["kid"]["without_vs_with"]["subsets"] == 7 and summary["kid"]["without_vs_with"]["subset_size"] == 2
+    assert summary["bootstrap"] == {"resamples": 0} and "ci95" not in summary["paired"]
+    assert "pass --independent_set" in stdout
     rows = list(csv.DictReader((out / "clip_scores.csv").open()))
     images = {m: [Image.open(out / r["file"]).convert("RGB") for r in rows if r["mode"] == m] for m in ("with",
                                                                                                      "without")}
