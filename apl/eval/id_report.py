@@ -65,8 +65,9 @@ def format_summary(summary: dict) -> str:
     lines = []
     for set_name, entry in _sets(summary).items():
         templates = entry.get("templates")
-        if templates is not None:
-            shown = templates[0] if len(templates) == 1 else f"{len(templates)} templates"
+        if templates is not None and len(_sets(summary)) > 1:
+            shown = (templates[0] if len(templates) == 1 else f"{len(templates)} templates" if templates
+                     else f"images of {entry.get('source')}")
             lines.append(f"template set {set_name!r} ({shown}):")
         lines.append(f"{'mode':<15} {'mean_of_mean':>22} {'mean_of_max':>22} {'id_acc@' + str(thr):>22} "
                      f"{'no_face':>22} {'mean_sim_faces':>22} {'n/id':>5} {'ids':>4} {'images':>6}")
@@ -123,11 +124,13 @@ def markdown_report(
     )
     if boot.get("resamples"):
         lines.append(f"[lo, hi]: 95 % bootstrap interval ({bootstrap_words(boot)}).")
+    if summary.get("notes"):
+        lines += [""] + [f"Note: {n}." for n in summary["notes"]]
     for set_name, entry in _sets(summary).items():
         templates = entry.get("templates")
-        if templates is not None:
+        if templates is not None and len(_sets(summary)) > 1:
             lines += ["", f"## Template set `{set_name}`", ""]
-            lines += [f"- `{t}`" for t in templates]
+            lines += [f"- `{t}`" for t in templates] or [f"- images of `{entry.get('source')}`"]
             if entry.get("note"):
                 lines.append(f"- {entry['note']}")
         lines += [
@@ -152,7 +155,7 @@ def markdown_report(
     by_mode = {m: {r.name: r for r in results[m]} for m in modes}
     names = list(dict.fromkeys(r.name for m in modes for r in results[m]))
     head = " | ".join(f"{mode_label(m)}: mean | max | no face" for m in modes)
-    lines += ["", "## Per identity" + (" (template set `default`)" if summary.get("template_sets") else ""), "",
+    lines += ["", "## Per identity" + (" (template set `default`)" if len(_sets(summary)) > 1 else ""), "",
               f"| name | {head} | grid |", "|---|" + "---|" * (3 * len(modes)) + "---|"]
     for name in names:
         cells = []

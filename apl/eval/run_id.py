@@ -318,7 +318,8 @@ def _reference_digests(folder: str) -> set[str]:
 def run_test_id(args: argparse.Namespace) -> dict:
     """Generate or read the images, score them, write CSV/JSON/markdown/grids into --outdir; returns the summary."""
     image_folder = args.image_folder is not None
-    template_sets = [TemplateSet(DEFAULT_SET, [args.prompt_template])] if image_folder else \
+    # Scored images come with no record of their prompts: an --image_folder set's templates are unknown ([]).
+    template_sets = [TemplateSet(DEFAULT_SET, [], args.image_folder)] if image_folder else \
         load_template_sets(args.prompt_template, getattr(args, "prompt_templates_file", None))
     if not image_folder:
         require_embedding(args.mode, args.embedding)

@@ -44,7 +44,7 @@ class TemplateSet:
     @property
     def training_form(self) -> bool:
         """True when every template is a prefix + name alone, the form train.py draws most often."""
-        return all(t in {p + "{name}" for p in PREFIXES} for t in self.templates)
+        return bool(self.templates) and all(t in {p + "{name}" for p in PREFIXES} for t in self.templates)
 
 
 _SET_NAME = re.compile(r"[^\w.-]+")
