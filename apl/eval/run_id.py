@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from apl.eval.checks import (
     Alert,
@@ -26,22 +24,27 @@ from apl.eval.checks import (
     mode_alerts,
     pixel_digest,
     prefix_effect_alert,
-    warning_line,
 )
 from apl.eval.defaults import DEFAULT_TEMPLATE
 from apl.eval.faces import FaceBackend
 from apl.eval.generation import (
-    Job,
     check_name,
     check_prompt_room,
     generate,
-    image_seed,
     load_model_and_prefix,
     modes_for,
     require_embedding,
     shipped,
     used_checkpoint,
-    with_prefix,
+)
+from apl.eval.id_images import (  # noqa: F401 - collect_folder: toyworld.grid
+    MODES,
+    SETS_DIR,
+    ImageSets,
+    collect_folder,
+    plan_images,
+    stale_images,
+    write_grids,
 )
 from apl.eval.id_inputs import backend_from_args, backend_threshold, gt_names_path, load_gt  # noqa: F401
 from apl.eval.id_metrics import (
@@ -54,72 +57,23 @@ from apl.eval.id_metrics import (
 )
 from apl.eval.id_report import format_summary, markdown_report
 from apl.eval.images import (
-    FACE_FILE,
     ImageReadError,
     LoadReport,
-    clean_name,
-    list_images,
     load_image_rgb,
-    load_pil_rgb,
 )
 from apl.eval.stats import ID_FIGURES, bootstrap_id, intervals, pack_rows, paired_differences
 from apl.eval.templates import DEFAULT_SET, TemplateSet, check_template, load_template_sets  # noqa: F401
-from apl.io import atomic_save, atomic_write_text
+from apl.io import atomic_write_text
 from apl.people import load_people
-from apl.runtime import UsageError
-from ldm.sampling import make_grid
 
 __all__ = ["DEFAULT_TEMPLATE", "collect_folder", "format_summary", "markdown_report", "plan_images", "run_test_id"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("with", "without")
-GRID_THUMB = 256  # longest side of an image in the per-identity grids
-SETS_DIR = "template_sets"
-
 # Flags that only shape generated images: with --image_folder they do nothing (warned about, not recorded).
 GENERATION_FLAGS = ("ckpt_path", "config_path", "precision", "embedding", "mode", "placeholder", "n_samples",
                     "batch_size", "steps", "scale", "seed", "negative_prompt", "prompt_template",
                     "prompt_templates_file")
-
-
-@dataclass
-class ImageSets:
-    """Images to score: mode -> identity -> image paths, plus what could not be assigned to an identity."""
-
-    sets: dict[str, dict[str, list[Path]]] = field(default_factory=dict)
-    unrecognised: list[str] = field(default_factory=list)  # files not named <Name>-<k>.<ext>
-
-
-def _group_by_name(paths: list[Path], out: ImageSets) -> dict[str, list[Path]]:
-    groups: dict[str, list[Path]] = {}
-    for path in paths:
-        match = FACE_FILE.match(path.stem)
-        if match is None:
-            out.unrecognised.append(str(path))
-            continue
-        groups.setdefault(clean_name(match.group("name")), []).append(path)
-    for name in groups:  # numeric order of k, not string order (…-10 after …-9)
-        groups[name].sort(key=lambda p: int(FACE_FILE.match(p.stem).group("k")))
-    return groups
-
-
-def collect_folder(folder: str | Path) -> ImageSets:
-    """Images of an existing folder: `with/` and `without/` subfolders (test_id's layout) or one flat set."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"--image_folder {folder} does not exist or is not a folder")
-    out = ImageSets()
-    root = folder / "images" if (folder / "images").is_dir() else folder  # a previous run's --outdir works too
-    subsets = [m for m in MODES if (root / m).is_dir()]
-    if subsets:
-        for mode in subsets:
-            out.sets[mode] = _group_by_name(list_images(root / mode), out)
-    else:
-        out.sets["images"] = _group_by_name(list_images(root), out)
-    if not any(out.sets.values()):
-        raise UsageError(f"--image_folder {folder} has no images named <Name>-<k>.png (or with/, without/ folders)")
-    return out
 
 
 def resolve_identity_names(args: argparse.Namespace, fallback: list[str]) -> list[str]:
@@ -129,48 +83,6 @@ def resolve_identity_names(args: argparse.Namespace, fallback: list[str]) -> lis
     if args.people_file:
         return [check_name(n) for n in load_people(shipped(args.people_file))]
     return list(fallback)
-
-
-def plan_images(
-    names: list[str],
-    modes: list[str],
-    n: int,
-    seed: int,
-    template: str | Sequence[str],
-    placeholder: str | None,
-    outdir: Path,
-) -> dict[str, dict[str, list[Job]]]:
-    """Jobs per mode and name; image k of a name uses template k mod T and the same seed with and without the
-    prefix (and in every template set)."""
-    templates = [template] if isinstance(template, str) else list(template)
-    plans: dict[str, dict[str, list[Job]]] = {}
-    for mode in modes:
-        plans[mode] = {}
-        folder = outdir / "images" / mode
-        for name in names:
-            jobs = []
-            for k in range(n):
-                prompt = templates[k % len(templates)].format(name=name)
-                if mode == "with":
-                    prompt = with_prefix(prompt, placeholder)
-                jobs.append(Job(prompt, image_seed("test_id", seed, name, k), folder / f"{name}-{k}.png"))
-            plans[mode][name] = jobs
-    return plans
-
-
-def stale_images(plans: dict[str, dict[str, list[Job]]], outdir: Path) -> dict[str, list[str]]:
-    """Per mode, `<Name>-<k>` images already in the mode's folder that this run does not make (left by an earlier
-    run with a larger --n_samples or other names). They are not scored, and not deleted: they are the user's."""
-    stale: dict[str, list[str]] = {}
-    for mode, per_name in plans.items():
-        folder = outdir / "images" / mode
-        if not folder.is_dir():
-            continue
-        planned = {job.path for jobs in per_name.values() for job in jobs}
-        found = [str(p) for p in list_images(folder) if FACE_FILE.match(p.stem) and p not in planned]
-        if found:
-            stale[mode] = found
-    return stale
 
 
 @dataclass
@@ -213,35 +125,6 @@ def score_mode(images: dict[str, list[Path]], gt: dict[str, np.ndarray], backend
                 report.no_face.append(str(path))
             table.add(name, emb)
     return ModeScore(table.results(), report, stats)
-
-
-def _thumb(path: Path, size: int) -> Image.Image:
-    """The image for a grid cell (grey when unreadable, so rows stay aligned)."""
-    try:
-        image = load_pil_rgb(path)
-    except ImageReadError:
-        return Image.new("RGB", (size, size), (128, 128, 128))
-    image.thumbnail((size, size))
-    return image.resize((size, size)) if image.size != (size, size) else image
-
-
-def write_grids(sets: dict[str, dict[str, list[Path]]], names: list[str], folder: Path) -> dict[str, Path]:
-    """One picture per identity: a row of its images per mode ('with' above 'without')."""
-    out: dict[str, Path] = {}
-    for name in names:
-        rows = [sets[m].get(name, []) for m in sets]
-        n = max((len(r) for r in rows), default=0)
-        if n == 0:
-            continue
-        cells = []
-        for row in rows:
-            cells += [_thumb(p, GRID_THUMB) for p in row]
-            cells += [Image.new("RGB", (GRID_THUMB, GRID_THUMB), "white")] * (n - len(row))
-        path = folder / f"{name}.png"
-        grid = make_grid(cells, nrow=n)
-        atomic_save(lambda tmp, grid=grid: grid.save(tmp, format="PNG"), path)
-        out[name] = path
-    return out
 
 
 def _ignored_flags(args: argparse.Namespace, image_folder: bool) -> list[str]:
@@ -315,6 +198,161 @@ def _reference_digests(folder: str) -> set[str]:
     return digests
 
 
+SetImages = dict[str, dict[str, dict[str, list[Path]]]]  # template set -> mode -> name -> image paths
+
+
+def _folder_images(args: argparse.Namespace, gt: dict, template_sets: list[TemplateSet]) -> tuple[SetImages, list[str],
+                                                                                                 list[str]]:
+    """The images of --image_folder (and of its template_sets/ subfolders), the names without ground truth, and the
+    files not named <Name>-<k>; template_sets gains one (template-less) set per subfolder."""
+    folders = {DEFAULT_SET: Path(args.image_folder)}
+    extra = Path(args.image_folder) / SETS_DIR
+    if extra.is_dir():  # a previous run's --outdir with template sets: score them too
+        for sub in sorted(p for p in extra.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            folders[sub.name] = sub
+            template_sets.append(TemplateSet(sub.name, [], str(sub)))
+    names: list[str] = []
+    unrecognised: list[str] = []
+    set_images: SetImages = {}
+    for set_name, folder in folders.items():
+        found = collect_folder(folder)
+        unrecognised += found.unrecognised
+        if set_name == DEFAULT_SET:
+            names = resolve_identity_names(args, list(dict.fromkeys(n for s in found.sets.values() for n in s)))
+        set_images[set_name] = {m: {n: s[n] for n in names if n in s and n in gt} for m, s in found.sets.items()}
+    return set_images, [n for n in names if n not in gt], unrecognised
+
+
+def _generated_images(args: argparse.Namespace, gt: dict, template_sets: list[TemplateSet], outdir: Path
+                      ) -> tuple[SetImages, list[str], dict, str | None]:
+    """Generate every set's images; returns them, the names without ground truth, stale files per set and the
+    placeholder used."""
+    names = resolve_identity_names(args, list(gt))
+    missing_gt = [n for n in names if n not in gt]
+    scored = [n for n in names if n in gt]
+    if not scored:
+        raise ValueError(f"none of the {len(names)} identities has ground truth (known: {sorted(gt)[:10]})")
+    if missing_gt:
+        print(
+            f"warning: {len(missing_gt)} identities have no ground truth and are skipped: "
+            f"{', '.join(missing_gt[:10])}{' ...' if len(missing_gt) > 10 else ''}"
+        )
+    modes = modes_for(args.mode)
+    gen = load_model_and_prefix(
+        args.config_path,
+        args.ckpt_path,
+        args.device,
+        args.precision,
+        embedding=args.embedding if args.mode != "without" else None,
+        placeholder=args.placeholder,
+        seed=args.seed,
+    )
+    plans, stale = {}, {}
+    for ts in template_sets:
+        folder = outdir if ts.name == DEFAULT_SET else outdir / SETS_DIR / ts.name
+        plans[ts.name] = plan_images(scored, modes, args.n_samples, args.seed, ts.templates, gen.placeholder, folder)
+        with_prompts = sorted({j.prompt for jobs in plans[ts.name].get("with", {}).values() for j in jobs})
+        check_prompt_room(gen, with_prompts,
+                          "--prompt_template" if ts.source is None else f"--prompt_templates_file {ts.source}")
+        stale_here = stale_images(plans[ts.name], folder)
+        for mode, files in stale_here.items():
+            print(
+                f"warning: {len(files)} images in {folder / 'images' / mode} are not part of this run (e.g. "
+                f"{Path(files[0]).name}; left by an earlier run with more --n_samples or other names). They are "
+                f"not scored now, but --image_folder {folder} would score them: move them away or use a new "
+                "--outdir."
+            )
+        if stale_here:
+            stale[ts.name] = stale_here
+    for mode in modes:  # all sets of a mode in one stream of batches
+        jobs = [j for per_name in plans.values() for name_jobs in per_name[mode].values() for j in name_jobs]
+        generate(gen, jobs, batch_size=args.batch_size, steps=args.steps, scale=args.scale,
+                 negative_prompt=args.negative_prompt, desc=f"test_id {mode}")
+    set_images = {s: {m: {n: [j.path for j in jobs] for n, jobs in per_name.items()} for m, per_name in p.items()}
+                  for s, p in plans.items()}
+    return set_images, missing_gt, stale, gen.placeholder
+
+
+def _score_all(set_images: SetImages, gt: dict, backend: FaceBackend, where: str) -> dict[str, dict[str, ModeScore]]:
+    """Score every set and mode; a set whose images are all one flat colour is refused."""
+    scores: dict[str, dict[str, ModeScore]] = {}
+    for set_name, sets in set_images.items():
+        scores[set_name] = {}
+        for mode, images in sets.items():
+            scored = score_mode(images, gt, backend)
+            if scored.stats.n and scored.stats.blank == scored.stats.n:
+                label = f"{set_name}/{mode}" if set_name != DEFAULT_SET else mode
+                raise ValueError(
+                    f"every one of the {scored.stats.n} images of '{label}' is one flat colour (e.g. black): the "
+                    "model or the prefix produces no picture (NaN or exploding values in the checkpoint or the "
+                    "prefix?). Scored, they would read as perfect anonymisation, so nothing is reported; look at the "
+                    f"images in {where}"
+                )
+            scores[set_name][mode] = scored
+    if not any(sc.results for per_mode in scores.values() for sc in per_mode.values()):
+        raise ValueError("no readable images of identities with ground truth were found; nothing to score")
+    return scores
+
+
+def _bootstrap(scores: dict[str, dict[str, ModeScore]], threshold: float, args: argparse.Namespace
+               ) -> tuple[dict, dict]:
+    """Replicates per (set, mode) and the identity order of each table. One call for every table: tables of the same
+    identities share their resampled rows, so differences between modes and between template sets are paired."""
+    tables, table_names = {}, {}
+    for set_name, per_mode in scores.items():
+        for mode, sc in per_mode.items():
+            if sc.results:
+                tables[(set_name, mode)] = pack_rows([r.sims for r in sc.results])
+                table_names[(set_name, mode)] = [r.name for r in sc.results]
+    n_boot = getattr(args, "bootstrap", 0) or 0
+    if not n_boot:
+        return {}, table_names
+    reps = bootstrap_id({f"{k[0]}/{k[1]}": v for k, v in tables.items()}, threshold, n_boot,
+                        seed=getattr(args, "bootstrap_seed", 0), level=getattr(args, "bootstrap_level", "identities"))
+    return {k: reps[f"{k[0]}/{k[1]}"] for k in tables}, table_names
+
+
+def _set_entry(ts: TemplateSet, per_mode: dict[str, ModeScore], threshold: float, replicates: dict,
+               table_names: dict, ref_digests: set[str], alerts: list[Alert], default: dict | None) -> dict:
+    """One template set's block of summary.json (its modes, with-vs-without and vs-default), adding its alerts."""
+    modes_out = {}
+    for mode, sc in per_mode.items():
+        if not sc.results:
+            modes_out[mode] = {"n_images": 0, "unreadable": len(sc.report.unreadable), "note": "nothing to score"}
+            continue
+        modes_out[mode] = _mode_entry(sc, threshold, replicates.get((ts.name, mode)))
+        alerts += mode_alerts(mode, modes_out[mode], sc.stats, ts.name)
+        same_as_refs = ref_digests & set(sc.stats.digests or [])
+        if same_as_refs:
+            alerts.append(Alert("scored_references", f"{len(same_as_refs)} scored images are pixel-identical to "
+                                "reference photos of --gt_folder: their similarity is 1 by construction.",
+                                mode, ts.name))
+    entry: dict = {"templates": ts.templates, "source": ts.source, "modes": modes_out}
+    if ts.name == DEFAULT_SET and ts.training_form:
+        entry["note"] = ("this prompt has the form train.py trains on (a prefix phrase + the name), so it measures "
+                         "the prefix on its training prompts; add --prompt_templates_file with held-out templates for "
+                         "prompts it has not seen")
+    same_ids = table_names.get((ts.name, "with")) == table_names.get((ts.name, "without"))
+    alerts += comparison_alerts(modes_out, ts.name, same_identities=same_ids)
+    if "with" in per_mode and "without" in per_mode:
+        effect = prefix_effect_alert(per_mode["with"].stats.digests or [], per_mode["without"].stats.digests or [],
+                                     ts.name)
+        alerts += [effect] if effect else []
+        if same_ids and modes_out["with"].get("n_images") and modes_out["without"].get("n_images"):
+            entry["with_vs_without"] = _comparison(modes_out["with"], modes_out["without"],
+                                                   replicates.get((ts.name, "with")),
+                                                   replicates.get((ts.name, "without")))
+    if default is not None:  # paired with the default set where both scored the same identities
+        entry["vs_default"] = {
+            mode: _comparison(modes_out[mode], default["modes"][mode], replicates.get((ts.name, mode)),
+                              replicates.get((DEFAULT_SET, mode)))
+            for mode in modes_out
+            if modes_out[mode].get("n_images") and default["modes"].get(mode, {}).get("n_images")
+            and table_names.get((ts.name, mode)) == table_names.get((DEFAULT_SET, mode))
+        }
+    return entry
+
+
 def run_test_id(args: argparse.Namespace) -> dict:
     """Generate or read the images, score them, write CSV/JSON/markdown/grids into --outdir; returns the summary."""
     image_folder = args.image_folder is not None
@@ -325,7 +363,6 @@ def run_test_id(args: argparse.Namespace) -> dict:
         require_embedding(args.mode, args.embedding)
     outdir = Path(args.outdir)
     alerts: list[Alert] = []
-    notes: list[str] = []
     ignored = _ignored_flags(args, image_folder)
     if ignored:
         why = "--image_folder scores existing images; " if image_folder else ""
@@ -336,163 +373,38 @@ def run_test_id(args: argparse.Namespace) -> dict:
     gt, gt_info = load_gt(args, backend, alerts)
     if not gt:
         raise ValueError(f"no identity has a ground-truth embedding ({gt_info})")
-
-    stale: dict[str, dict[str, list[str]]] = {}
-    unrecognised: list[str] = []
-    placeholder = None
-    set_images: dict[str, dict[str, dict[str, list[Path]]]] = {}  # set -> mode -> name -> paths
     if image_folder:
-        folders = {DEFAULT_SET: Path(args.image_folder)}
-        extra = Path(args.image_folder) / SETS_DIR
-        if extra.is_dir():  # a previous run's --outdir with template sets: score them too
-            for sub in sorted(p for p in extra.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                folders[sub.name] = sub
-                template_sets.append(TemplateSet(sub.name, [], str(sub)))
-        names: list[str] = []
-        for set_name, folder in folders.items():
-            found = collect_folder(folder)
-            unrecognised += found.unrecognised
-            in_folder = list(dict.fromkeys(n for s in found.sets.values() for n in s))
-            names = resolve_identity_names(args, in_folder) if set_name == DEFAULT_SET else names
-            set_images[set_name] = {m: {n: s[n] for n in names if n in s and n in gt} for m, s in found.sets.items()}
-        missing_gt = [n for n in names if n not in gt]
+        set_images, missing_gt, unrecognised = _folder_images(args, gt, template_sets)
+        stale, placeholder = {}, None
     else:
-        names = resolve_identity_names(args, list(gt))
-        missing_gt = [n for n in names if n not in gt]
-        scored = [n for n in names if n in gt]
-        if not scored:
-            raise ValueError(f"none of the {len(names)} identities has ground truth (known: {sorted(gt)[:10]})")
-        if missing_gt:
-            print(
-                f"warning: {len(missing_gt)} identities have no ground truth and are skipped: "
-                f"{', '.join(missing_gt[:10])}{' ...' if len(missing_gt) > 10 else ''}"
-            )
-        modes = modes_for(args.mode)
-        gen = load_model_and_prefix(
-            args.config_path,
-            args.ckpt_path,
-            args.device,
-            args.precision,
-            embedding=args.embedding if args.mode != "without" else None,
-            placeholder=args.placeholder,
-            seed=args.seed,
-        )
-        placeholder = gen.placeholder
-        plans = {}
-        for ts in template_sets:
-            folder = outdir if ts.name == DEFAULT_SET else outdir / SETS_DIR / ts.name
-            plans[ts.name] = plan_images(scored, modes, args.n_samples, args.seed, ts.templates, gen.placeholder,
-                                         folder)
-            with_prompts = sorted({j.prompt for jobs in plans[ts.name].get("with", {}).values() for j in jobs})
-            check_prompt_room(gen, with_prompts,
-                              "--prompt_template" if ts.source is None else f"--prompt_templates_file {ts.source}")
-            stale_here = stale_images(plans[ts.name], folder)
-            for mode, files in stale_here.items():
-                print(
-                    f"warning: {len(files)} images in {folder / 'images' / mode} are not part of this run (e.g. "
-                    f"{Path(files[0]).name}; left by an earlier run with more --n_samples or other names). They are "
-                    f"not scored now, but --image_folder {folder} would score them: move them away or use a new "
-                    "--outdir."
-                )
-            if stale_here:
-                stale[ts.name] = stale_here
-        for mode in modes:
-            jobs = [j for per_name in plans.values() for name_jobs in per_name[mode].values() for j in name_jobs]
-            generate(gen, jobs, batch_size=args.batch_size, steps=args.steps, scale=args.scale,
-                     negative_prompt=args.negative_prompt, desc=f"test_id {mode}")
-        set_images = {s: {m: {n: [j.path for j in jobs] for n, jobs in per_name.items()} for m, per_name in p.items()}
-                      for s, p in plans.items()}
+        set_images, missing_gt, stale, placeholder = _generated_images(args, gt, template_sets, outdir)
+        unrecognised = []
 
-    # Score every set and mode.
-    scores: dict[str, dict[str, ModeScore]] = {}
-    for set_name, sets in set_images.items():
-        scores[set_name] = {}
-        for mode, images in sets.items():
-            scored_mode = score_mode(images, gt, backend)
-            if scored_mode.stats.n and scored_mode.stats.blank == scored_mode.stats.n:
-                where = f"{set_name}/{mode}" if set_name != DEFAULT_SET else mode
-                raise ValueError(
-                    f"every one of the {scored_mode.stats.n} images of '{where}' is one flat colour (e.g. black): the "
-                    "model or the prefix produces no picture (NaN or exploding values in the checkpoint or the "
-                    "prefix?). Scored, they would read as perfect anonymisation, so nothing is reported; look at the "
-                    f"images in {outdir if not image_folder else args.image_folder}"
-                )
-            scores[set_name][mode] = scored_mode
-    if not any(sc.results for per_mode in scores.values() for sc in per_mode.values()):
-        raise ValueError("no readable images of identities with ground truth were found; nothing to score")
-
-    # Bootstrap: one call for every table, rows aligned on the identities every table shares, so that differences
-    # between modes and between template sets are paired.
-    n_boot = getattr(args, "bootstrap", 0) or 0
-    level = getattr(args, "bootstrap_level", "identities")
-    tables, table_names = {}, {}
-    for set_name, per_mode in scores.items():
-        for mode, sc in per_mode.items():
-            if sc.results:
-                tables[(set_name, mode)] = pack_rows([r.sims for r in sc.results])
-                table_names[(set_name, mode)] = [r.name for r in sc.results]
-    replicates = {}
-    if n_boot:
-        reps = bootstrap_id({f"{k[0]}/{k[1]}": v for k, v in tables.items()}, threshold, n_boot,
-                            seed=getattr(args, "bootstrap_seed", 0), level=level)
-        replicates = {k: reps[f"{k[0]}/{k[1]}"] for k in tables}
-
+    scores = _score_all(set_images, gt, backend, args.image_folder if image_folder else str(outdir))
+    replicates, table_names = _bootstrap(scores, threshold, args)
     ref_digests = _reference_digests(args.gt_folder) if args.gt_folder else set()
     set_entries: dict[str, dict] = {}
     for ts in template_sets:
-        per_mode = scores.get(ts.name, {})
-        modes_out = {}
-        for mode, sc in per_mode.items():
-            if not sc.results:
-                modes_out[mode] = {"n_images": 0, "unreadable": len(sc.report.unreadable), "note": "nothing to score"}
-                continue
-            modes_out[mode] = _mode_entry(sc, threshold, replicates.get((ts.name, mode)))
-            alerts += mode_alerts(mode, modes_out[mode], sc.stats, ts.name)
-            if ref_digests and ref_digests & set(sc.stats.digests or []):
-                alerts.append(Alert("scored_references", f"{len(ref_digests & set(sc.stats.digests or []))} scored "
-                                    "images are pixel-identical to reference photos of --gt_folder: their similarity "
-                                    "is 1 by construction.", mode, ts.name))
-        entry: dict = {"templates": ts.templates, "source": ts.source, "modes": modes_out}
-        if ts.name == DEFAULT_SET and ts.training_form:
-            entry["note"] = ("this prompt has the form train.py trains on (a prefix phrase + the name), so it "
-                             "measures the prefix on its training prompts; add --prompt_templates_file with held-out "
-                             "templates for prompts it has not seen")
-        same_ids = table_names.get((ts.name, "with")) == table_names.get((ts.name, "without"))
-        alerts += comparison_alerts(modes_out, ts.name, same_identities=same_ids)
-        if "with" in per_mode and "without" in per_mode:
-            effect = prefix_effect_alert(per_mode["with"].stats.digests or [], per_mode["without"].stats.digests or [],
-                                         ts.name)
-            alerts += [effect] if effect else []
-            if same_ids and modes_out["with"].get("n_images") and modes_out["without"].get("n_images"):
-                entry["with_vs_without"] = _comparison(modes_out["with"], modes_out["without"],
-                                                       replicates.get((ts.name, "with")),
-                                                       replicates.get((ts.name, "without")))
-        if ts.name != DEFAULT_SET:
-            entry["vs_default"] = {
-                mode: _comparison(modes_out[mode], set_entries[DEFAULT_SET]["modes"][mode],
-                                  replicates.get((ts.name, mode)), replicates.get((DEFAULT_SET, mode)))
-                for mode in modes_out
-                if modes_out[mode].get("n_images") and set_entries[DEFAULT_SET]["modes"].get(mode, {}).get("n_images")
-                and table_names.get((ts.name, mode)) == table_names.get((DEFAULT_SET, mode))
-            }
-        set_entries[ts.name] = entry
+        set_entries[ts.name] = _set_entry(ts, scores.get(ts.name, {}), threshold, replicates, table_names,
+                                          ref_digests, alerts, set_entries.get(DEFAULT_SET))
     few = few_identities_alert(max((len(n) for n in table_names.values()), default=0))
     alerts += [few] if few else []
-    if set_entries[DEFAULT_SET].get("note") and len(template_sets) == 1:
-        notes.append(f"template set 'default': {set_entries[DEFAULT_SET]['note']}")
-
     default = set_entries[DEFAULT_SET]
+    notes = [f"template set 'default': {default['note']}"] if default.get("note") and len(template_sets) == 1 else []
+    notes.append("id_accuracy_all_images counts a no-face image as 'not recognised' and so flatters a prefix that "
+                 "erases faces; read id_accuracy (detected faces) with no_face_rate")
+    n_boot = getattr(args, "bootstrap", 0) or 0
     summary: dict = {
         "script": "test_id.py",
         "threshold": threshold,
         "modes": default["modes"],  # the --prompt_template set, as before template sets existed
         "with_vs_without": default.get("with_vs_without"),
         "template_sets": set_entries,
-        "bootstrap": {"resamples": n_boot, "level": level, "seed": getattr(args, "bootstrap_seed", 0),
-                      "unit": "identities", "interval": "95 % percentile"} if n_boot else {"resamples": 0},
+        "bootstrap": {"resamples": n_boot, "level": getattr(args, "bootstrap_level", "identities"),
+                      "seed": getattr(args, "bootstrap_seed", 0), "unit": "identities",
+                      "interval": "95 % percentile"} if n_boot else {"resamples": 0},
         "warnings": [a.as_dict() for a in alerts],
-        "notes": notes + ["id_accuracy_all_images counts a no-face image as 'not recognised' and so flatters a prefix "
-                          "that erases faces; read id_accuracy (detected faces) with no_face_rate"],
+        "notes": notes,
         "names_without_ground_truth": missing_gt,
         "unrecognised_files": unrecognised,
         "stale_files": stale.get(DEFAULT_SET, {}),
@@ -503,6 +415,13 @@ def run_test_id(args: argparse.Namespace) -> dict:
     }
     if ignored:
         summary["ignored_flags"] = ignored
+    _write_reports(summary, scores, set_images, template_sets, outdir)
+    return summary
+
+
+def _write_reports(summary: dict, scores: dict[str, dict[str, ModeScore]], set_images: SetImages,
+                   template_sets: list[TemplateSet], outdir: Path) -> None:
+    """identity_<mode>.csv per set, the default set's grids, summary.json and report.md."""
     results: dict[str, list[IdentityResult]] = {}
     for ts in template_sets:
         folder = outdir if ts.name == DEFAULT_SET else outdir / SETS_DIR / ts.name
@@ -515,6 +434,3 @@ def run_test_id(args: argparse.Namespace) -> dict:
     grids = write_grids(set_images.get(DEFAULT_SET, {}), scored_names, outdir / "grids")
     write_summary_json(summary, outdir / "summary.json")
     atomic_write_text(markdown_report(summary, results, grids, outdir), outdir / "report.md")
-    for w in summary["warnings"]:
-        logger.debug(warning_line(w))
-    return summary
