@@ -527,6 +527,8 @@ def test_parsers_document_every_flag():
         parser = module.build_parser()
         for action in parser._actions:
             assert action.help, (module.__name__, action.option_strings)
+        text = parser.format_help()  # renders: a stray '%' in a help string would break --help
+        assert "--bootstrap" in text and "95 % bootstrap" in text
     args = test_id.build_parser().parse_args([])
     assert (args.n_samples, args.seed, args.steps, args.scale, args.prompt_template) == (
         4, 2238, 20, 7.0, "A close-up portrait of {name}")
