@@ -416,6 +416,27 @@ def test_fid_feature_plugin_is_used(tmp_path, capsys, embedding):
     assert rc == 2 and "--fid_feature 'nope_mod:f': cannot import nope_mod" in err
 
 
+def test_fid_clip_refuses_a_set_of_flat_images(tmp_path, capsys, monkeypatch, embedding):
+    """Images that are all one colour (what NaN latents decode to) give no CLIP score or FID, whatever made them."""
+    real = run_quality.generate
+
+    def black_with(gen, jobs, **kw):
+        done = real(gen, jobs, **kw)
+        if "with" in kw.get("desc", ""):
+            for job in jobs:
+                kw["on_image"](job, Image.new("RGB", (64, 64)))
+        return done
+
+    monkeypatch.setattr(run_quality, "generate", black_with)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A man.\nA woman.\n")
+    out = tmp_path / "q"
+    rc, _, err = _run(test_fid_clip_score.main, [*TINY, "--embedding", embedding, "--prompts_file", prompts,
+                                                 "--skip_clip", "--skip_fid", "--outdir", out], capsys)
+    assert rc == 2 and "every one of the 8 images of 'with' is one flat colour" in err and "Traceback" not in err
+    assert not (out / "summary.json").exists()
+
+
 def test_fid_antialias_flag_is_passed_on_and_recorded(tmp_path, capsys, tiny_fid):
     prompts = tmp_path / "p.txt"
     prompts.write_text("A man.\nA woman.\n")
