@@ -8,7 +8,8 @@ Images are saved as <outdir>/<Person Name>-<k>.png, the naming train.py --face_d
 are skipped, so an interrupted run continues where it stopped. <outdir>/.dataset_generation.tsv records the settings
 (seed, steps, scale, negative prompt, checkpoint, config, templates) and each image's seed and prompt; a rerun into
 the same --outdir with other settings is refused instead of mixing two face sets. With --gt_npy, each person's
-ground-truth face embedding (mean of the detected faces) is written for test_id.py --gt_npy.
+ground-truth face embedding (mean of the detected faces) is written for test_id.py --gt_npy; the names file's first
+line records the .npy's sha256 and the face backend, so test_id.py refuses a names file of another .npy.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from apl.dataset_gen import DEFAULT_NEGATIVE_PROMPT, format_summary, run_dataset_generation
-from apl.eval.generation import CLI_ERRORS
+from apl.eval.defaults import DEFAULT_NEGATIVE_PROMPT
 from args.clip_args import build_parser as shared_parser
+from args.clip_args import parse_eval_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pass '' for none).")
     g.add_argument("--gt_npy", default=None,
                    help="Also write each person's ground-truth face embedding (mean over the faces detected in "
-                        "their images) to this .npy, with the face backend flags above.")
+                        "their images) to this .npy, with the face backend flags above. Rerunning with the same "
+                        "--outdir only recomputes it (all images are there).")
     g.add_argument("--gt_names", default=None,
-                   help="Names file for --gt_npy (row i = line i); if unset, <gt_npy without .npy>_names.txt.")
+                   help="Names file for --gt_npy (row i = line i after its '# apl-ground-truth' header); if unset, "
+                        "<gt_npy without .npy>_names.txt.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_eval_args(build_parser(), argv)
+    from apl.dataset_gen import format_summary, run_dataset_generation  # heavy (torch): after the flags are good
+    from apl.eval.generation import CLI_ERRORS
+
     try:
         summary = run_dataset_generation(args)
     except CLI_ERRORS as e:

@@ -18,22 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+from apl.eval.checks import is_blank
 from apl.eval.faces import FaceBackend
 from apl.eval.generation import Job, check_name, generate, image_seed, load_model_and_prefix, shipped
+from apl.eval.id_inputs import backend_from_args, gt_names_path
 from apl.eval.id_metrics import ground_truth_from_groups, save_ground_truth
 from apl.eval.images import LoadReport
-from apl.eval.run_id import backend_from_args, gt_names_path
 from apl.io import atomic_write_text
 from apl.people import PREFIXES, load_people, load_templates
 from apl.runtime import UsageError
 
 logger = logging.getLogger(__name__)
 
-# Artefacts SD v1 tends to draw in portraits; guidance pushes away from them (the original used such a prompt).
-DEFAULT_NEGATIVE_PROMPT = (
-    "blurry, lowres, low quality, jpeg artifacts, deformed, disfigured, distorted face, bad anatomy, "
-    "extra limbs, extra fingers, mutated hands, cropped, out of frame, watermark, text, signature, cartoon, drawing"
-)
 MANIFEST = ".dataset_generation.tsv"  # hidden, so the face-folder scanner does not count it as a skipped file
 SETTINGS_LINE = "# settings\t"  # the manifest's first line: this tag, then the generation settings as JSON
 MANIFEST_HEADER = "file\tseed\tprompt"
@@ -170,6 +166,13 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
     rows.update({j.path.name: f"{j.seed}\t{j.prompt}" for j in jobs})
     gt_npy = args.gt_npy
     backend = None
+    if args.gt_names and not gt_npy:
+        raise UsageError(f"--gt_names {args.gt_names} names the rows of --gt_npy; pass --gt_npy FILE.npy too, or "
+                         "remove --gt_names")
+    given = getattr(args, "given_flags", None) or frozenset()
+    unused = [f"--{f}" for f in FACE_FLAGS if f in given] if not gt_npy else []
+    if unused:
+        print(f"warning: {', '.join(unused)} ignored: faces are only detected with --gt_npy (ground truth)")
     if gt_npy:
         # Load the face models first: a missing pack must fail before hours of generation, not after.
         backend = backend_from_args(args)
@@ -179,6 +182,7 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
         f"{len(todo)} to generate"
     )
     made = 0
+    blank: list[str] = []
     if todo:
         gen = load_model_and_prefix(args.config_path, args.ckpt_path, args.device, args.precision, seed=args.seed)
         write_manifest(outdir, settings, rows)  # first, so an interrupted run's images have their settings
@@ -190,14 +194,22 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
             scale=args.scale,
             negative_prompt=args.negative_prompt,
             desc="dataset_generation",
+            on_image=lambda job, image: blank.append(job.path.name) if is_blank(np.asarray(image)) else None,
         )
     write_manifest(outdir, settings, rows)
+    if made and len(blank) == made:
+        raise ValueError(
+            f"all {made} images generated are one flat colour (e.g. black): the checkpoint or its settings produce "
+            f"no picture (NaN weights? --precision?). The face set in {outdir} is unusable for training: delete "
+            "those images, check the model with sample.py, and run again"
+        )
     summary: dict = {
         "outdir": str(outdir),
         "identities": len(names),
         "images": len(jobs),
         "generated": made,
         "skipped_existing": len(jobs) - len(todo),
+        "blank_images": blank,
     }
     if backend is not None:
         by_name: dict[str, list[Path]] = {}
@@ -214,13 +226,28 @@ def run_dataset_generation(args: argparse.Namespace) -> dict:
         }
         if not gt:
             raise ValueError(
-                f"no face was detected in any of the {report.loaded} images in {outdir}; "
-                "ground truth not written (check --det_thresh and the images)"
+                f"no face was detected in any of the {report.loaded} images in {outdir}; ground truth not written "
+                f"({detector_advice(backend)})"
             )
         names_file = gt_names_path(gt_npy, args.gt_names)
-        save_ground_truth(gt, gt_npy, names_file)
+        save_ground_truth(gt, gt_npy, names_file, backend=backend.name)
         summary["ground_truth"].update(npy=gt_npy, names=names_file)
     return summary
+
+
+# Face-backend flags: without --gt_npy no face is detected, so they would do nothing.
+FACE_FLAGS = ("face_backend", "insightface_pack", "insightface_root", "det_thresh", "det_size")
+
+
+def detector_advice(backend: FaceBackend) -> str:
+    """What to try when a backend finds no faces, in terms of the settings that backend really has."""
+    if backend.name == "insightface":
+        return (f"check the images; a lower --det_thresh (now {getattr(backend, 'det_thresh', '?')}) or another "
+                f"--det_size (now {getattr(backend, 'det_size', '?')}) may find more faces")
+    if backend.name == "dlib":
+        return ("check the images: dlib's HOG detector finds frontal faces of about 80 px and larger, and has no "
+                "threshold to lower; --face_backend insightface finds more")
+    return f"check the images and the settings of the {backend.name} face backend"
 
 
 def format_summary(summary: dict) -> str:
@@ -229,6 +256,10 @@ def format_summary(summary: dict) -> str:
         f"{summary['generated']} images generated, {summary['skipped_existing']} already there "
         f"({summary['identities']} identities, {summary['images']} images in {summary['outdir']})"
     ]
+    if summary.get("blank_images"):
+        blank = summary["blank_images"]
+        lines.append(f"WARNING [blank_images]: {len(blank)} of the images generated now are one flat colour (e.g. "
+                     f"{blank[0]}); they give no face and no training signal")
     gt = summary.get("ground_truth")
     if gt:
         lines.append(f"ground truth of {gt['identities']} identities written to {gt['npy']} + {gt['names']}")

@@ -174,3 +174,42 @@ class TinyFeatures(torch.nn.Module):
         x = x.float() / 255.0
         pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # (N, 48)
         return pooled @ self.proj  # (N, 8)
+
+
+class MeanColourBackend:
+    """A plug-in face backend for script tests: every non-flat image has one 'face', embedded as its mean colour
+    and colour spread (6-d). It has no default ID threshold, so the scripts must be given --id_threshold."""
+
+    name = "mean-colour"
+    embedding_dim = 6
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+
+    def embed(self, image_rgb: np.ndarray) -> np.ndarray | None:
+        pixels = image_rgb.reshape(-1, 3).astype(np.float64)
+        if np.ptp(pixels) <= 2:
+            return None
+        v = np.concatenate([pixels.mean(0), pixels.std(0)]) + 1.0
+        return self.fix(v / np.linalg.norm(v))
+
+    def fix(self, v: np.ndarray) -> np.ndarray:
+        return v
+
+    def faces(self, image_rgb: np.ndarray) -> list:
+        emb = self.embed(image_rgb)
+        return [] if emb is None else [emb]
+
+
+class NanFaceBackend(MeanColourBackend):
+    """A broken recogniser: finds faces but returns NaN embeddings."""
+
+    def fix(self, v: np.ndarray) -> np.ndarray:
+        return np.full_like(v, np.nan)
+
+
+class WrongSizeFaceBackend(MeanColourBackend):
+    """A broken recogniser: announces 6-d embeddings and returns 5-d ones."""
+
+    def fix(self, v: np.ndarray) -> np.ndarray:
+        return v[:5]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -82,7 +83,11 @@ def test_generate_resume_and_ground_truth(tmp_path, pack_root, capsys):
     row = manifest[2].split("\t")
     assert row[:2] == ["Ada Lovelace-0.png", str(image_seed("dataset", 2238, "Ada Lovelace", 0))]
 
-    # Ground truth = normalised mean of each person's face embeddings, in the group format test_id.py reads.
+    # Ground truth = normalised mean of each person's face embeddings, in the group format test_id.py reads; the
+    # names file is linked to this .npy by its digest and says which backend made it.
+    header = (tmp_path / "gt_names.txt").read_text().splitlines()[0]
+    assert header.startswith("# apl-ground-truth v1 npy_sha256=") and header.endswith("backend=insightface")
+    assert f"npy_sha256={hashlib.sha256(gt.read_bytes()).hexdigest()}" in header
     loaded = load_ground_truth(gt, tmp_path / "gt_names.txt")
     assert list(loaded) == ["Ada Lovelace", "Jean-Claude Van Damme"]
     backend = make_backend("insightface", pack="tiny_pack", root=str(pack_root))

@@ -205,11 +205,13 @@ def test_eval_parser_defaults_and_help():
     args = parser.parse_args([])
     assert (args.steps, args.scale, args.seed, args.n_samples) == (20, 7.0, 2238, 4)
     assert (args.clip_model, args.clip_pretrained) == ("ViT-g-14", "laion2b_s34b_b88k")
+    # Unset detector flags mean "the backend's default" (0.5 / 256 for insightface): a backend without such settings
+    # (dlib) can then refuse them when they are given instead of ignoring them.
     assert (args.face_backend, args.insightface_pack, args.det_thresh, args.det_size) == (
         "insightface",
         "buffalo_l",
-        0.5,
-        256,
+        None,
+        None,
     )
     assert args.mode == "both" and args.precision == "fp32" and args.id_threshold is None
     assert isinstance(parser.formatter_class("x"), argparse.ArgumentDefaultsHelpFormatter)

@@ -110,7 +110,7 @@ def test_test_id_generates_both_modes_and_writes_reports(tmp_path, capsys, backe
     without_img = np.asarray(Image.open(out / "images/without/Tom Hanks-0.png"), dtype=int)
     assert np.abs(with_img - without_img).mean() > 1.0
     report = (out / "report.md").read_text()
-    assert "| with |" in report and "| without |" in report and "grids/Tom%20Hanks.png" in report
+    assert "| with prefix |" in report and "| without prefix |" in report and "grids/Tom%20Hanks.png" in report
     assert Image.open(out / "grids/Tom Hanks.png").size[1] > Image.open(out / "grids/Tom Hanks.png").size[0] / 2
 
 
@@ -198,6 +198,78 @@ def test_test_id_refuses_ground_truth_of_another_backend_before_generating(tmp_p
     assert "128-d" in err and "512-d" in err and "128-d is dlib" in err and "--face_backend" in err
     assert not out.exists()  # refused before the SD model was loaded or any image made
     assert backend.embedding_dim == 512  # asked from the pack's recogniser
+
+
+def test_test_id_template_sets_are_scored_and_reported_per_set(tmp_path, capsys, face_flags, embedding, gt_files):
+    gt_npy, _ = gt_files
+    held = tmp_path / "held_out.txt"
+    held.write_text("# prompts train.py never uses\n{name} at the beach\nA painting of {name}\n")
+    out = tmp_path / "id"
+    argv = [*TINY, "--embedding", embedding, "--gt_npy", gt_npy, "--names", "Tom Hanks", "Ada Lovelace",
+            "--n_samples", 2, "--outdir", out, *face_flags, "--prompt_templates_file", held, "--bootstrap", 200]
+    rc, stdout, err = _run(test_id.main, argv, capsys)
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["template_sets"]) == ["default", "held_out"]
+    sets = s["template_sets"]
+    assert sets["held_out"]["templates"] == ["{name} at the beach", "A painting of {name}"]
+    assert sets["default"]["modes"] == s["modes"] and "train.py" in sets["default"]["note"]
+    for mode in ("with", "without"):
+        for k in range(2):
+            assert (out / "template_sets" / "held_out" / "images" / mode / f"Ada Lovelace-{k}.png").is_file()
+        entry = sets["held_out"]["modes"][mode]
+        assert entry["n_images"] == 4 and set(entry["ci95"]) >= {"mean_of_mean", "mean_of_max", "id_accuracy",
+                                                                 "no_face_rate", "mean_sim_faces"}
+        assert "ci95" in sets["held_out"]["vs_default"][mode]
+    assert (out / "template_sets" / "held_out" / "identity_with.csv").is_file()
+    assert "ci95" in sets["held_out"]["with_vs_without"] and s["with_vs_without"] is not None
+    assert "template set 'held_out' (2 templates):" in stdout and "n/id" in stdout
+    report = (out / "report.md").read_text()
+    assert "## Template set `held_out`" in report and "- `{name} at the beach`" in report
+    # The same seeds in every set: only the prompt differs, so image k of a set differs from the default's.
+    a = np.asarray(Image.open(out / "images" / "without" / "Ada Lovelace-1.png"), dtype=int)
+    b = np.asarray(Image.open(out / "template_sets" / "held_out" / "images" / "without" / "Ada Lovelace-1.png"),
+                   dtype=int)
+    assert a.shape == b.shape and np.abs(a - b).mean() > 0
+    # Rescoring the outdir finds the sets again and gives the same numbers.
+    again = tmp_path / "again"
+    rc, _, err = _run(test_id.main, ["--image_folder", out, "--gt_npy", gt_npy, "--outdir", again, *face_flags,
+                                     "--bootstrap", 200], capsys)
+    assert rc == 0, err
+    s2 = json.loads((again / "summary.json").read_text())
+    for name in ("default", "held_out"):
+        for mode in ("with", "without"):
+            assert s2["template_sets"][name]["modes"][mode]["mean_of_mean"] == pytest.approx(
+                sets[name]["modes"][mode]["mean_of_mean"])
+            assert s2["template_sets"][name]["modes"][mode]["ci95"] == sets[name]["modes"][mode]["ci95"]
+
+
+def test_test_id_bootstrap_flags(tmp_path, capsys, face_flags):
+    """--bootstrap N resamples, --bootstrap_seed makes the intervals repeatable, --bootstrap_level two_level."""
+    ref, images = tmp_path / "ref", tmp_path / "images"
+    ref.mkdir()
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(ref / f"P{i}-0.png")
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"P{i}-{k}.png")
+
+    def ci(*extra):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        rc, _, err = _run(test_id.main, ["--image_folder", images, "--gt_folder", ref, "--outdir", out, *face_flags,
+                                         *extra], capsys)
+        assert rc == 0, err
+        s = json.loads((out / "summary.json").read_text())
+        return s["modes"]["images"]["ci95"]["mean_of_mean"], s["bootstrap"]
+
+    a, boot = ci("--bootstrap", 300, "--bootstrap_seed", 5)
+    assert boot == {"resamples": 300, "level": "identities", "seed": 5, "unit": "identities",
+                    "interval": "95 % percentile"}
+    assert ci("--bootstrap", 300, "--bootstrap_seed", 5)[0] == a
+    assert ci("--bootstrap", 300, "--bootstrap_seed", 6)[0] != a
+    two, boot = ci("--bootstrap", 300, "--bootstrap_seed", 5, "--bootstrap_level", "two_level")
+    assert boot["level"] == "two_level" and two != a
 
 
 def test_test_id_scores_only_its_own_images_and_warns_about_stale_ones(tmp_path, capsys, face_flags, gt_files):
@@ -293,6 +365,29 @@ def test_fid_clip_score_end_to_end(tmp_path, capsys, embedding, clip_weights, ti
     assert summary["paired"]["n"] == 3 and summary["paired"]["pixel_mae_mean"] == pytest.approx(np.mean(mae))
     assert summary["paired"]["pixel_mae_mean"] > 0  # the strong random prefix does move the tiny model's images
     assert "mean absolute pixel difference" in stdout
+    # Independent seeds for the with/without comparison, and the same-model floor beside it; KID with its spread.
+    indep = [Image.open(p).convert("RGB") for p in sorted((out / "images" / "without_independent").glob("*.png"))]
+    assert len(indep) == 3 and not any(np.array_equal(np.asarray(a), np.asarray(b))
+                                       for a, b in zip(indep, images["without"], strict=True))
+    assert summary["fid"]["without_independent_vs_with"] == pytest.approx(
+        fid_between(fid, indep, images["with"]), rel=1e-4, abs=1e-6)
+    assert set(summary["fid"]) == set(summary["kid"]) == set(summary["fid_n"]) == {
+        "ref_vs_with", "ref_vs_without", "without_vs_with", "without_independent_vs_with",
+        "without_vs_without_independent"}
+    kid = summary["kid"]["without_independent_vs_with"]
+    assert kid["subset_size"] == 2 and kid["subsets"] == 100 and kid["kid_interval95"][0] <= kid["kid_mean"]
+    assert summary["fid_n"]["ref_vs_with"] == [4, 3] and summary["fid_feature_dim"] == 8
+    assert "fid_small_n" in {w["code"] for w in summary["warnings"]} and "WARNING [fid_small_n]" in stdout
+    # 95 % bootstrap intervals over prompts, around the point values.
+    for mode in ("with", "without"):
+        lo, hi = summary["clip"][mode]["ci95"]["clip_score"]
+        assert lo <= summary["clip"][mode]["clip_score"] <= hi
+    lo, hi = summary["paired"]["ci95"]["pixel_mae_mean"]
+    assert lo <= summary["paired"]["pixel_mae_mean"] <= hi
+    assert summary["bootstrap"] == {"resamples": 1000, "level": "identities", "seed": 0, "unit": "prompts",
+                                    "interval": "95 % percentile"}
+    assert summary["clip"]["with_minus_without"]["ci95"] is not None
+    assert summary["settings"]["independent_set"] is True and summary["settings"]["embedding"] == str(embedding)
 
 
 def test_fid_feature_plugin_is_used(tmp_path, capsys, embedding):
@@ -301,11 +396,17 @@ def test_fid_feature_plugin_is_used(tmp_path, capsys, embedding):
     prompts.write_text("A man.\nA woman.\nA dog.\n")
     out = tmp_path / "q"
     argv = [*TINY, "--embedding", embedding, "--prompts_file", prompts, "--n_samples", 1, "--skip_clip",
+            "--no-independent_set", "--kid_subsets", 7, "--kid_subset_size", 1000, "--bootstrap", 0,
             "--fid_feature", "eval_stand_ins:TinyFeatures", "--outdir", out]
     rc, stdout, err = _run(test_fid_clip_score.main, argv, capsys)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fid_feature"] == "eval_stand_ins:TinyFeatures" and "FID features: eval_stand_ins" in stdout
+    # --no-independent_set: only the same-seed comparison; KID over 7 subsets of (capped) 1 of 3 -> 2 images.
+    assert list(summary["fid"]) == ["without_vs_with"] and not (out / "images" / "without_independent").exists()
+    assert summary["kid"]["without_vs_with"]["subsets"] == 7 and summary["kid"]["without_vs_with"]["subset_size"] == 2
+    assert summary["bootstrap"] == {"resamples": 0} and "ci95" not in summary["paired"]
+    assert "pass --independent_set" in stdout
     rows = list(csv.DictReader((out / "clip_scores.csv").open()))
     images = {m: [Image.open(out / r["file"]).convert("RGB") for r in rows if r["mode"] == m] for m in ("with",
                                                                                                      "without")}
@@ -313,6 +414,27 @@ def test_fid_feature_plugin_is_used(tmp_path, capsys, embedding):
     assert summary["fid"]["without_vs_with"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     rc, _, err = _run(test_fid_clip_score.main, [*argv[:-1], tmp_path / "q2", "--fid_feature", "nope_mod:f"], capsys)
     assert rc == 2 and "--fid_feature 'nope_mod:f': cannot import nope_mod" in err
+
+
+def test_fid_clip_refuses_a_set_of_flat_images(tmp_path, capsys, monkeypatch, embedding):
+    """Images that are all one colour (what NaN latents decode to) give no CLIP score or FID, whatever made them."""
+    real = run_quality.generate
+
+    def black_with(gen, jobs, **kw):
+        done = real(gen, jobs, **kw)
+        if "with" in kw.get("desc", ""):
+            for job in jobs:
+                kw["on_image"](job, Image.new("RGB", (64, 64)))
+        return done
+
+    monkeypatch.setattr(run_quality, "generate", black_with)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A man.\nA woman.\n")
+    out = tmp_path / "q"
+    rc, _, err = _run(test_fid_clip_score.main, [*TINY, "--embedding", embedding, "--prompts_file", prompts,
+                                                 "--skip_clip", "--skip_fid", "--outdir", out], capsys)
+    assert rc == 2 and "every one of the 8 images of 'with' is one flat colour" in err and "Traceback" not in err
+    assert not (out / "summary.json").exists()
 
 
 def test_fid_antialias_flag_is_passed_on_and_recorded(tmp_path, capsys, tiny_fid):
@@ -426,6 +548,8 @@ def test_parsers_document_every_flag():
         parser = module.build_parser()
         for action in parser._actions:
             assert action.help, (module.__name__, action.option_strings)
+        text = parser.format_help()  # renders: a stray '%' in a help string would break --help
+        assert "--bootstrap" in text and "95 % bootstrap" in text
     args = test_id.build_parser().parse_args([])
     assert (args.n_samples, args.seed, args.steps, args.scale, args.prompt_template) == (
         4, 2238, 20, 7.0, "A close-up portrait of {name}")

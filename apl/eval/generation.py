@@ -8,13 +8,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from apl.eval.faces import FaceBackendUnavailable
 from apl.eval.images import ImageReadError, clean_name
 from apl.eval.quality import ClipWeightsMissing, InceptionWeightsMissing, has_placeholder
-from apl.runtime import UsageError, load_model_for_cli, pick_device, pick_dtype, shipped_file
+from apl.runtime import DEFAULT_CKPT, UsageError, is_tiny, load_model_for_cli, pick_device, pick_dtype, shipped_file
 from ldm.checkpoint import CheckpointError
 from ldm.sampling import save_image, txt2img
 from ldm.util import ConfigError
@@ -33,6 +34,8 @@ CLI_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     ModuleNotFoundError,
 )
+
+MAX_CONTENT_TOKENS = 75  # CLIP's 77 positions minus the start and end tokens
 
 # Each script draws its seeds in its own domain: test_id's image k of a person never starts from the noise of the
 # face-set image k that its ground truth was computed from, and FID/CLIP images never reuse either.
@@ -110,6 +113,8 @@ def load_model_and_prefix(
 ) -> LoadedModel:
     """The SD model (and APL prefix when `embedding` is given) for a script run."""
     dev = pick_device(device)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: this machine has no usable Apple MPS backend; use --device cpu or cuda")
     config_path = shipped(config_path)
     if not Path(config_path).is_file():
         raise UsageError(f"--config_path {config_path} does not exist; use configs/stable-diffusion/v1-inference.yaml")
@@ -185,3 +190,34 @@ def require_embedding(mode: str, embedding: str | None) -> None:
         )
     if mode in ("with", "both") and not Path(embedding).is_file():
         raise UsageError(f"--embedding {embedding} does not exist; pass a trained prefix file (.pt/.safetensors)")
+
+
+def used_checkpoint(config_path: str, ckpt_path: str | None) -> str | None:
+    """The checkpoint a run really loads: None where load_model_for_cli builds the random tiny model instead."""
+    if ckpt_path in (None, "", "none") or (is_tiny(shipped(config_path)) and str(ckpt_path) == DEFAULT_CKPT):
+        return None
+    return str(ckpt_path)
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def check_prompt_room(gen: LoadedModel, prompts: Sequence[str], source: str) -> None:
+    """Refuse prompts that the prefix would push past CLIP's 75 content tokens: the text encoder would cut their
+    end (and the end-of-text token) on the prefix side only, so 'with' and 'without' would see different prompts."""
+    em = gen.embedding_manager
+    if em is None or not prompts:
+        return
+    tokenizer = gen.model.cond_stage_model.tokenizer
+    tokens = set(em.string_to_token_dict.values())
+    extra = em.num_vectors_per_token - 1
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        need = len(ids) + extra * sum(i in tokens for i in ids)
+        if need > MAX_CONTENT_TOKENS:
+            raise UsageError(
+                f"{source}: the prompt {_short(prompt)!r} has {len(ids)} tokens; with the "
+                f"{em.num_vectors_per_token}-vector prefix it needs {need} of CLIP's {MAX_CONTENT_TOKENS}, so its end "
+                f"would be cut on the prefix side only. Shorten it by {need - MAX_CONTENT_TOKENS} tokens or more"
+            )

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from apl.eval.checks import checked_embedding
+from apl.eval.defaults import DEFAULT_ID_THRESHOLDS
 from apl.eval.faces import FaceBackend
+from apl.eval.gt_files import load_ground_truth, save_ground_truth  # noqa: F401 - their home before gt_files
 from apl.eval.images import (
     ImageReadError,
     LoadReport,
@@ -29,6 +32,7 @@ from apl.eval.images import (
     list_images,
     load_image_rgb,
 )
+from apl.eval.stats import id_figures, pack_rows
 from apl.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -42,14 +46,17 @@ logger = logging.getLogger(__name__)
 #   r is about 1.45 (1.35-1.59 on the photos shipped with insightface). For two vectors of norm r,
 #   |a - b|^2 = 2 r^2 (1 - cos), so 0.6 corresponds to cos = 1 - 0.18 / r^2 = 0.91 (DeepFace's tuned dlib cosine
 #   distance, 0.07, gives 0.93).
-DEFAULT_ID_THRESHOLDS: dict[str, float] = {"insightface": 0.32, "dlib": 0.91}
 DEFAULT_ID_THRESHOLD = DEFAULT_ID_THRESHOLDS["insightface"]
 
 
 def default_id_threshold(backend: str) -> float:
     """The default verification threshold for a face backend name."""
     if backend not in DEFAULT_ID_THRESHOLDS:
-        raise ValueError(f"No default ID threshold for backend '{backend}'; known: {sorted(DEFAULT_ID_THRESHOLDS)}.")
+        raise ValueError(
+            f"no default ID threshold for face backend '{backend}' (known: {', '.join(DEFAULT_ID_THRESHOLDS)}); "
+            "pass --id_threshold (the cosine at which your recogniser calls two faces one person), or give the "
+            "backend a default_id_threshold attribute"
+        )
     return DEFAULT_ID_THRESHOLDS[backend]
 
 
@@ -93,6 +100,8 @@ def identity_scores(embs_per_image: list[np.ndarray | None], gt: np.ndarray, nam
         raise ValueError(f"Identity '{name}' has no images to score.")
     gt = np.asarray(gt).ravel()
     sims: list[float | None] = [None if e is None else cosine(np.asarray(e).ravel(), gt) for e in embs_per_image]
+    if any(s is not None and not math.isfinite(s) for s in sims):
+        raise ValueError(f"Identity '{name}': a similarity is NaN or inf; the embeddings are broken.")
     counted = [0.0 if s is None else s for s in sims]
     return IdentityResult(
         name=name,
@@ -104,83 +113,33 @@ def identity_scores(embs_per_image: list[np.ndarray | None], gt: np.ndarray, nam
 
 
 def summarize(results: list[IdentityResult], threshold: float) -> dict:
-    """Aggregate numbers over identities.
+    """Aggregate numbers over identities (apl.eval.stats.id_figures computes them, for the bootstrap too).
 
     - mean_of_mean, mean_of_max: the original APL's two numbers (mean over identities; no face = 0).
     - id_accuracy: fraction of images *with a detected face* whose similarity >= threshold. Images without a face
       are left out so this measures how often a visible face is still the person; the no-face rate is reported
       beside it so that "no face at all" cannot pass for anonymisation.
-    - id_accuracy_all_images: the same count over all images (a no-face image counts as not recognised).
+    - id_accuracy_all_images: the same count over all images (a no-face image counts as not recognised). It
+      flatters a prefix that erases faces; kept for comparison with earlier results.
+    - mean_sim_faces: mean similarity over detected faces only (None without any face).
+    - images_per_identity: min and max n; mean of max grows with n, so n is reported beside it.
     """
     if not results:
         raise ValueError("No identity results to summarise.")
-    all_sims = [s for r in results for s in r.sims]
-    face_sims = [s for s in all_sims if s is not None]
-    hits = sum(s >= threshold for s in face_sims)
-    n_images = len(all_sims)
+    sims, valid = pack_rows([r.sims for r in results])
+    figures = {k: float(v) for k, v in id_figures(sims, valid, threshold).items()}
+    counts = [r.n_images for r in results]
     return {
-        "mean_of_mean": float(np.mean([r.mean for r in results])),
-        "mean_of_max": float(np.mean([r.max for r in results])),
-        "id_accuracy": (hits / len(face_sims)) if face_sims else None,
-        "id_accuracy_all_images": hits / n_images,
-        "no_face_rate": (n_images - len(face_sims)) / n_images,
+        **{k: (None if not math.isfinite(v) else v) for k, v in figures.items()},
         "threshold": float(threshold),
         "n_identities": len(results),
-        "n_images": n_images,
-        "n_faces": len(face_sims),
+        "n_images": int(valid.sum()),
+        "n_faces": int((valid & ~np.isnan(sims)).sum()),
+        "images_per_identity": {"min": min(counts), "max": max(counts)},
     }
 
 
-def load_ground_truth(npy_path: str | Path, names_path: str | Path) -> dict[str, np.ndarray]:
-    """Read a group of ground-truth embeddings: an (N, D) .npy and a text file with N names, one per line."""
-    npy_path, names_path = Path(npy_path), Path(names_path)
-    for p, what in ((npy_path, "ground-truth embeddings (.npy)"), (names_path, "ground-truth names file")):
-        if not p.is_file():
-            raise FileNotFoundError(f"The {what} {p} does not exist.")
-    if npy_path.stat().st_size == 0:
-        raise ValueError(
-            f"The ground-truth embeddings file {npy_path} is empty (0 bytes), e.g. from an interrupted copy; "
-            "write it again with dataset_generation.py --gt_npy or pass --gt_folder."
-        )
-    try:
-        embs = np.load(npy_path, allow_pickle=False)  # never unpickle objects from a data file
-    except (ValueError, EOFError) as err:  # EOFError: a truncated file
-        raise ValueError(
-            f"{npy_path} is not a complete, plain numeric .npy array ({type(err).__name__}: {err}); write it again "
-            "with dataset_generation.py --gt_npy."
-        ) from err
-    if embs.ndim == 1:
-        embs = embs[None, :]
-    if embs.ndim != 2 or not np.issubdtype(embs.dtype, np.number):
-        raise ValueError(f"{npy_path} must hold an (N, D) numeric array of embeddings, got shape {embs.shape}.")
-    # Blank lines (e.g. a trailing newline) are not names.
-    names = [clean_name(line) for line in names_path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    if len(names) != embs.shape[0]:
-        raise ValueError(
-            f"Ground truth mismatch: {npy_path} has {embs.shape[0]} embeddings but {names_path} has {len(names)} "
-            f"names. Line i of the names file must name row i of the array."
-        )
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"{names_path} lists these names more than once: {dupes}.")
-    unit = _unit(embs, str(npy_path)).astype(np.float32)
-    return dict(zip(names, unit, strict=True))
-
-
-def save_ground_truth(gt: dict[str, np.ndarray], npy_path: str | Path, names_path: str | Path) -> None:
-    """Write ground truth in the group format read by load_ground_truth (atomic writes)."""
-    names = list(gt)
-    if not names:
-        raise ValueError("No ground-truth embeddings to save.")
-    if any("\n" in n for n in names):
-        raise ValueError("Identity names must not contain newlines.")
-    buf = io.BytesIO()
-    np.save(buf, np.stack([np.asarray(gt[n], dtype=np.float32).ravel() for n in names]))
-    _atomic_write(npy_path, buf.getvalue())
-    _atomic_write(names_path, ("\n".join(names) + "\n").encode("utf-8"))
-
-
-def _identity_images(folder: Path) -> dict[str, list[Path]]:
+def reference_images(folder: Path) -> dict[str, list[Path]]:
     """Map identity -> reference images: `<Name>-<k>.<ext>` files, `<Name>.<ext>` files (the whole stem is the name,
     so `Jean-Paul Sartre.png` is Jean-Paul Sartre) and `<Name>/` folders. Hidden files and folders are skipped."""
     groups: dict[str, list[Path]] = defaultdict(list)
@@ -206,7 +165,7 @@ def embed_images(paths: list[Path], backend: FaceBackend, report: LoadReport) ->
             report.unreadable.append(str(path))
             continue
         report.loaded += 1
-        emb = backend.embed(image)
+        emb = checked_embedding(backend.embed(image), backend, str(path))
         if emb is None:
             report.no_face.append(str(path))
         out.append((path, emb))
@@ -243,7 +202,7 @@ def ground_truth_from_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"Reference photo folder {folder} does not exist.")
     report = report if report is not None else LoadReport()
-    groups = _identity_images(folder)
+    groups = reference_images(folder)
     if not groups:
         raise ValueError(f"No images in {folder}: expected <Name>-<k>.png files or <Name>/ subfolders of images.")
     return ground_truth_from_groups(groups, backend, report)

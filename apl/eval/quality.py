@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from apl.eval.defaults import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, INCEPTION_ENV, INCEPTION_FILE
 from apl.eval.images import LoadReport, load_image_folder
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "InceptionWeightsMissing",
     "build_fid",
     "clip_score_summary",
+    "extract_features",
     "fid_antialias_default",
     "fid_between",
     "has_placeholder",
@@ -29,10 +31,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_ENV = "APL_INCEPTION_WEIGHTS"
-DEFAULT_CLIP_MODEL = "ViT-g-14"  # what the original APL scored with
-DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b88k"
 
 
 class ClipWeightsMissing(FileNotFoundError):
@@ -332,3 +330,22 @@ def fid_between(fid_metric, images_a, images_b, batch_size: int = 32) -> float:
     for batch in _batches(images_b, batch_size):
         fid_metric.update(batch.to(device), real=False)
     return float(fid_metric.compute())
+
+
+@torch.no_grad()
+def extract_features(fid_metric, images, batch_size: int = 32) -> torch.Tensor:
+    """The FID metric's own features (Inception pool3, or the custom module) of an image set, (N, D) float64.
+
+    The same network and resize that `fid_metric.update` uses, so FID and KID computed from these features
+    (apl.eval.stats) measure exactly what torchmetrics' FID measures."""
+    images = _resolve_images(images, "image set")
+    device = fid_metric.device
+    feats = [fid_metric.inception(batch.to(device)).reshape(batch.shape[0], -1).double().cpu()
+             for batch in _batches(images, batch_size)]
+    if not feats:
+        raise ValueError("no images to extract FID features from")
+    out = torch.cat(feats)
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out).all(1)).sum())
+        raise ValueError(f"the FID feature extractor returned NaN or inf for {bad} of {out.shape[0]} images")
+    return out
