@@ -64,7 +64,10 @@ def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda:0 when available, else cpu; 'cuda:N' is checked to exist."""
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         n = torch.cuda.device_count()
         if n == 0:

@@ -154,6 +154,7 @@ def _cases(w: Path) -> list[Case]:
         Case("--image_size 72 (UNet needs 16)", "train.py", tr("--image_size", "72"), ("multiple of 16",)),
         Case("sample.py --scale nan", "sample.py", [*smp, "--scale", "nan"], ("--scale", "nan")),
         Case("sample.py --steps 2000", "sample.py", [*smp, "--steps", "2000"], ("--steps", "[1, 500]")),
+        Case("sample.py --device foo", "sample.py", [*smp, "--device", "foo"], ("--device 'foo'", "cuda:N")),
         Case("sample.py --H 72", "sample.py", [*smp, "--H", "72", "--W", "64"], ("72x64", "multiple of 16")),
         # 2. width and model family where a file is made
         Case("SD 2.x prefix as SD v1 export", "export_prefix.py",

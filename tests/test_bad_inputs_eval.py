@@ -140,9 +140,10 @@ def world(tmp_path_factory, tiny_model) -> dict[str, Path]:
     for key, scale in {"alz": 5.0, "nan": float("nan"), "huge": 1e30}.items():
         em = EmbeddingManager(tiny_model.cond_stage_model, ["alz"], num_vectors_per_token=4,
                               generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            em.string_to_param_dict["alz"].mul_(scale)
-        em.save(d / f"{key}.pt")
+        vectors = em.string_to_param_dict["alz"].detach() * scale
+        # Written raw: APL itself refuses to write a broken prefix, but such files exist (other tools, damage).
+        torch.save({"string_to_token": {"alz": torch.tensor(41128)}, "string_to_param": {"alz": vectors}},
+                   d / f"{key}.pt")  # fmt: skip
     (d / "long.txt").write_text(" ".join(["word"] * 75) + "\n")  # 75 tokens: no room for 4 prefix vectors
     (d / "no_name.txt").write_text("# held-out templates\n{name} at the beach\nA painting of someone\n")
     (d / "held_out.txt").write_text("{name} at the beach\nA painting of {name} in a studio\n")
@@ -220,10 +221,9 @@ ERRORS = [
     Case("backend_wrong_size", "1", ID, ["--gt_folder", "{refs}", "--face_backend",
                                          "eval_stand_ins:WrongSizeFaceBackend", "--id_threshold", "0.5",
                                          "--image_folder", "{d}/flat", "--outdir", "{d}/o1"], ("5-d", "6-d")),
-    # A NaN or huge prefix draws black images, refused as such; once EmbeddingManager refuses such files at load,
-    # that refusal is the one line instead (either way: exit 2, no score).
-    Case("prefix_nan", "1", ID, [*GEN, "--embedding", "{d}/nan.pt"], ()),
-    Case("prefix_huge", "1", ID, [*GEN, "--embedding", "{d}/huge.pt"], ()),
+    # A NaN or huge prefix would draw black images ("0.0 similarity"): refused when the file is read, naming it.
+    Case("prefix_nan", "1", ID, [*GEN, "--embedding", "{d}/nan.pt"], ("nan.pt", "NaN or infinite")),
+    Case("prefix_huge", "1", ID, [*GEN, "--embedding", "{d}/huge.pt"], ("huge.pt", "far outside any text embedding")),
     # 6: companions that do not belong together.
     Case("gt_names_of_other_npy", "6", ID, ["--gt_npy", "{d}/gt.npy", "--gt_names", "{d}/other_names.txt",
                                             "--face_backend", TOY, "--image_folder", "{d}/flat"],

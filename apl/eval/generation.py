@@ -35,7 +35,6 @@ CLI_ERRORS: tuple[type[BaseException], ...] = (
     ModuleNotFoundError,
 )
 
-MAX_CONTENT_TOKENS = 75  # CLIP's 77 positions minus the start and end tokens
 
 # Each script draws its seeds in its own domain: test_id's image k of a person never starts from the noise of the
 # face-set image k that its ground truth was computed from, and FID/CLIP images never reuse either.
@@ -121,11 +120,11 @@ def load_model_and_prefix(
     model = load_model_for_cli(config_path, ckpt_path, dev, pick_dtype(precision, dev), seed=seed)
     em = None
     if embedding is not None:
-        from ldm.modules.embedding_manager import EmbeddingManager
+        from ldm.modules.prefix import load_prefix
 
         if not Path(embedding).is_file():
             raise UsageError(f"--embedding {embedding} does not exist; pass a trained prefix file (.pt/.safetensors)")
-        em = EmbeddingManager.from_file(model.cond_stage_model, embedding).to(dev)
+        em = load_prefix(model, embedding).to(dev)  # SD v1: one manager; SDXL: one per text encoder
         known = list(em.string_to_token_dict)
         if placeholder is None:
             placeholder = known[0]
@@ -209,15 +208,11 @@ def check_prompt_room(gen: LoadedModel, prompts: Sequence[str], source: str) -> 
     em = gen.embedding_manager
     if em is None or not prompts:
         return
-    tokenizer = gen.model.cond_stage_model.tokenizer
-    tokens = set(em.string_to_token_dict.values())
-    extra = em.num_vectors_per_token - 1
     for prompt in prompts:
-        ids = tokenizer.encode(prompt)
-        need = len(ids) + extra * sum(i in tokens for i in ids)
-        if need > MAX_CONTENT_TOKENS:
+        need, have = em.prompt_room(prompt)  # positions with BOS/EOS, each placeholder as its N vectors
+        if need > have:
             raise UsageError(
-                f"{source}: the prompt {_short(prompt)!r} has {len(ids)} tokens; with the "
-                f"{em.num_vectors_per_token}-vector prefix it needs {need} of CLIP's {MAX_CONTENT_TOKENS}, so its end "
-                f"would be cut on the prefix side only. Shorten it by {need - MAX_CONTENT_TOKENS} tokens or more"
+                f"{source}: the prompt {_short(prompt)!r} needs {need} of CLIP's {have} positions with the "
+                f"{em.num_vectors_per_token}-vector prefix, so its end would be cut on the prefix side only. Shorten "
+                f"it by {need - have} tokens or more"
             )
