@@ -143,3 +143,29 @@ def _tiny_sdxl_from(tmp_path):
     from apl.runtime import load_model_for_cli
 
     return load_model_for_cli(TINY_SDXL_CONFIG, None, "cpu", torch.float32, seed=42)
+
+
+def test_dataset_generation_and_test_id_take_the_sdxl_config(tmp_path, monkeypatch):
+    """The evaluation scripts on the tiny SDXL with an SDXL prefix: images at the model's size, scored per mode."""
+    import json
+
+    import dataset_generation
+    import test_id
+    from toyworld.references import main as references
+
+    monkeypatch.chdir(tmp_path)
+    xl = ["--config_path", str(TINY_SDXL_CONFIG), "--steps", "2", "--n_samples", "2"]
+    assert dataset_generation.main([*xl, "--names", "Anya Brandt", "--outdir", "faces"]) == 0
+    with Image.open(tmp_path / "faces" / "Anya Brandt-0.png") as im:
+        assert im.size == (64, 64)
+    from ldm.checkpoint import build_model
+
+    make_prefix(build_model(TINY_SDXL_CONFIG), "alz", N, generator=torch.Generator().manual_seed(0)).save(
+        tmp_path / "xl.safetensors"
+    )
+    references(["--outdir", "refs", "--n", "1"])
+    rc = test_id.main([*xl, "--embedding", "xl.safetensors", "--names", "Anya Brandt", "--gt_folder", "refs",
+                       "--face_backend", "toyworld.perception:ToyFaceBackend", "--outdir", "tid"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((tmp_path / "tid" / "summary.json").read_text())
+    assert {m: s["n_images"] for m, s in summary["modes"].items()} == {"with": 2, "without": 2}

@@ -65,6 +65,7 @@ from apl.eval.stats import ID_FIGURES, bootstrap_id, intervals, pack_rows, paire
 from apl.eval.templates import DEFAULT_SET, TemplateSet, check_template, load_template_sets  # noqa: F401
 from apl.io import atomic_write_text
 from apl.people import load_people
+from apl.runtime import UsageError
 
 __all__ = ["DEFAULT_TEMPLATE", "collect_folder", "format_summary", "markdown_report", "plan_images", "run_test_id"]
 
@@ -372,7 +373,13 @@ def run_test_id(args: argparse.Namespace) -> dict:
     threshold = args.id_threshold if args.id_threshold is not None else backend_threshold(backend)
     gt, gt_info = load_gt(args, backend, alerts)
     if not gt:
-        raise ValueError(f"no identity has a ground-truth embedding ({gt_info})")
+        if gt_info.get("source") == "folder":
+            found = f"{gt_info.get('loaded', 0)} readable reference images, {gt_info.get('no_face', 0)} without a face"
+            raise UsageError(
+                f"--gt_folder {gt_info.get('folder')}: no identity has a ground-truth embedding ({found}, for the "
+                f"{backend.name} face backend); use photos in which the face is visible, or another --face_backend"
+            )
+        raise UsageError(f"no identity has a ground-truth embedding ({gt_info})")
     if image_folder:
         set_images, missing_gt, unrecognised = _folder_images(args, gt, template_sets)
         stale, placeholder = {}, None
