@@ -13,6 +13,7 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,9 +154,14 @@ def reference_images(folder: Path) -> dict[str, list[Path]]:
     return dict(groups)
 
 
-def embed_images(paths: list[Path], backend: FaceBackend, report: LoadReport) -> list[tuple[Path, np.ndarray | None]]:
+def embed_images(
+    paths: list[Path],
+    backend: FaceBackend,
+    report: LoadReport,
+    on_image: Callable[[np.ndarray], None] | None = None,
+) -> list[tuple[Path, np.ndarray | None]]:
     """(path, largest face's embedding or None when no face) per readable image; unreadable files are recorded in
-    `report` and left out."""
+    `report` and left out. `on_image` sees every readable image (so callers need not read the files twice)."""
     out = []
     for path in paths:
         try:
@@ -165,6 +171,8 @@ def embed_images(paths: list[Path], backend: FaceBackend, report: LoadReport) ->
             report.unreadable.append(str(path))
             continue
         report.loaded += 1
+        if on_image is not None:
+            on_image(image)
         emb = checked_embedding(backend.embed(image), backend, str(path))
         if emb is None:
             report.no_face.append(str(path))

@@ -50,6 +50,7 @@ from apl.eval.id_inputs import backend_from_args, backend_threshold, gt_names_pa
 from apl.eval.id_metrics import (
     IdentityResult,
     IdentityTable,
+    embed_images,
     reference_images,
     summarize,
     write_identity_csv,
@@ -105,25 +106,12 @@ def score_set(
 
 def score_mode(images: dict[str, list[Path]], gt: dict[str, np.ndarray], backend: FaceBackend) -> ModeScore:
     """score_set plus what else the images show (flat colour, copies), from the same single read of each file."""
-    from apl.eval.checks import checked_embedding  # the same check as embed_images, on an image already read
-
     table = IdentityTable(gt)
     report = LoadReport()
     stats = ImageStats()
     seen: set[str] = set()
     for name, paths in images.items():
-        for path in paths:
-            try:
-                image = load_image_rgb(path)
-            except ImageReadError as err:
-                logger.warning("Skipping %s", err)
-                report.unreadable.append(str(path))
-                continue
-            report.loaded += 1
-            stats.add(image, seen)
-            emb = checked_embedding(backend.embed(image), backend, str(path))
-            if emb is None:
-                report.no_face.append(str(path))
+        for _, emb in embed_images(paths, backend, report, on_image=lambda image: stats.add(image, seen)):
             table.add(name, emb)
     return ModeScore(table.results(), report, stats)
 
