@@ -169,3 +169,9 @@ def test_dataset_generation_and_test_id_take_the_sdxl_config(tmp_path, monkeypat
     assert rc == 0
     summary = json.loads((tmp_path / "tid" / "summary.json").read_text())
     assert {m: s["n_images"] for m, s in summary["modes"].items()} == {"with": 2, "without": 2}
+    import test_fid_clip_score
+
+    (tmp_path / "captions.txt").write_text("a red circle on a table\na blue square\n")
+    rc = test_fid_clip_score.main([*xl, "--embedding", "xl.safetensors", "--prompts_file", "captions.txt",
+                                   "--skip_clip", "--skip_fid", "--outdir", "q"])  # fmt: skip
+    assert rc == 0 and json.loads((tmp_path / "q" / "summary.json").read_text())["paired"]["n"] == 4
