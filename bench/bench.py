@@ -1,7 +1,8 @@
 """Benchmark: our APL training step and DDIM sampler against diffusers / transformers on the same weights.
 
 Measured in one process, each workload with only its own models on the device (so peak memory is its own):
-  original_style   diffusers fp32, batch 1: VAE encode, 2 text encodes, 3 UNet passes, MSE, Adam (the original)
+  original_style   diffusers fp32, batch 1: VAE encode, 2 text encodes, 3 UNet passes, MSE, Adam (the original;
+                   SD v1 only)
   diffusers_bf16   diffusers bf16 + SDPA, cached latents, one no-grad + one grad UNet pass (per batch size)
   ours             our training step as train.py runs it (apl.step.StaticStep + Adam), bf16; optionally
                    torch.compile, gradient checkpointing, or a CUDA graph (--cuda_graph: rows 'ours_graph')
@@ -10,8 +11,13 @@ Measured in one process, each workload with only its own models on the device (s
   numerics         our bf16 vs fp32 outputs (the bf16 tolerance) and our fp32 vs diffusers fp32 (unchanged fp32 path)
 Random weights (seeded), identical on both sides. Prints a Markdown table and writes JSON (after every measurement).
 
+SD v1 (--size tiny / full: SD v1.5 at 512 px) or SDXL (--size tiny-sdxl / full-sdxl: SDXL base at 1024 px, with
+diffusers' SDXL UNet (added_cond_kwargs text_embeds + time_ids), CLIPTextModel + CLIPTextModelWithProjection, the
+prefix in both encoders, and the size conditioning on both sides).
+
   python bench/bench.py --size tiny --device cpu            # CI smoke run, well under a minute
   python bench/bench.py --size full --batches 1,8,32 --compile
+  python bench/bench.py --size full-sdxl --batches 1,4      # SDXL rows
 """
 
 from __future__ import annotations
@@ -36,11 +42,18 @@ from bench.workloads import COMPILE_DYNAMIC, PRECISIONS, Workloads  # noqa: E402
 from ldm.util import load_config  # noqa: E402
 
 SIZES = {
-    # config, image side (px), batches, iters, warm-up, DDIM steps, sampling batch, sampling iterations
+    # config, image side (px), batches, iters, warm-up, DDIM steps, sampling batch, sampling iterations; numerics
+    # image side (px; default the image side)
     "tiny": dict(config="configs/tiny/tiny-sd.yaml", image=64, batches="1,2", iters=2, warmup=1, steps=2,
                  sample_batch=2, sample_iters=1),
     "full": dict(config="configs/stable-diffusion/v1-inference.yaml", image=512, batches="1,8,32", iters=10,
                  warmup=3, steps=50, sample_batch=8, sample_iters=2),
+    "tiny-sdxl": dict(config="configs/tiny/tiny-sdxl.yaml", image=64, batches="1,2", iters=2, warmup=1, steps=2,
+                      sample_batch=2, sample_iters=1),
+    # SDXL base at its native 1024 px: fewer timed steps (each is ~4x SD v1's work per sample); numerics at 512 px,
+    # where two fp32 UNets and an fp32 backward fit beside each other with room to spare.
+    "full-sdxl": dict(config="configs/sdxl/sd_xl_base.yaml", image=1024, batches="1,4", iters=5, warmup=2,
+                      steps=50, sample_batch=2, sample_iters=1, numerics_image=512),
 }
 SECTIONS = ("numerics", "original_style", "diffusers_bf16", "ours", "sampling_diffusers", "sampling_ours", "decode")
 ALIASES = {
@@ -59,13 +72,14 @@ def _git_commit() -> str | None:
     return commit if out.returncode == 0 and commit else None
 
 
-def describe_env(args: argparse.Namespace, device: torch.device) -> dict:
+def describe_env(args: argparse.Namespace, device: torch.device, family: str) -> dict:
     import diffusers
     import transformers
 
     cuda = device.type == "cuda"
     return {
-        "size": args.size, "config": SIZES[args.size]["config"], "device": str(device), "device_type": device.type,
+        "size": args.size, "config": SIZES[args.size]["config"], "family": family,
+        "device": str(device), "device_type": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
         "compile_dynamic": args.compile_dynamic,
@@ -73,7 +87,8 @@ def describe_env(args: argparse.Namespace, device: torch.device) -> dict:
         "batches": args.batches,
         "iters": args.iters, "warmup": args.warmup,
         "steps": args.steps, "scale": args.scale, "sample_batch": args.sample_batch,
-        "sample_iters": args.sample_iters, "image_size": args.image_size, "num_vectors": args.num_vectors,
+        "sample_iters": args.sample_iters, "image_size": args.image_size,
+        "numerics_image_size": args.numerics_image_size, "num_vectors": args.num_vectors,
         "seed": args.seed, "skip": sorted(args.skip), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "cuda": torch.version.cuda if cuda else None, "cpu_threads": torch.get_num_threads(),
@@ -111,7 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny: CI smoke shapes; full: SD v1.5")
+    p.add_argument("--size", choices=list(SIZES), default="tiny",
+                   help="tiny / tiny-sdxl: CI smoke shapes; full: SD v1.5 (512 px); full-sdxl: SDXL base (1024 px)")
     p.add_argument("--device", default="auto", help="auto (cuda:0 if present), cpu, cuda, cuda:N")
     p.add_argument("--batches", type=_int_list, default=None, help="training batch sizes (default: per --size)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps for sampling (default: 50 full, 2 tiny)")
@@ -121,6 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_batch", type=int, default=None, help="images per sampling call (default 8 full)")
     p.add_argument("--sample_iters", type=int, default=None, help="timed sampling calls (after one warm-up call)")
     p.add_argument("--image_size", type=int, default=None, help="image side in px (latents are 1/8)")
+    p.add_argument("--numerics_image_size", type=int, default=None,
+                   help="image side of the numerics checks (default: per --size, at most --image_size)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16", help="frozen-weight dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (training and sampling)")
     p.add_argument("--compile_mode", default="default",
@@ -153,8 +171,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, preset[key])
     if args.batches is None:
         args.batches = _int_list(preset["batches"])
-    if args.image_size % 8 or args.image_size < 8:
-        p.error(f"--image_size {args.image_size}: must be a positive multiple of 8")
+    if args.numerics_image_size is None:
+        args.numerics_image_size = min(args.image_size, preset.get("numerics_image", args.image_size))
+    for name in ("image_size", "numerics_image_size"):
+        if getattr(args, name) % 8 or getattr(args, name) < 8:
+            p.error(f"--{name} {getattr(args, name)}: must be a positive multiple of 8")
     if args.cuda_graph and args.compile:
         p.error("--cuda_graph and --compile exclude each other (--compile_mode reduce-overhead has CUDA graphs)")
     if args.iters < 1 or args.warmup < 0 or args.sample_iters < 1 or args.sample_batch < 1 or args.steps < 1:
@@ -182,12 +203,12 @@ def _run(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True
     bench = Workloads(args, load_config(ROOT / SIZES[args.size]["config"]), device)
     res = bench.results
-    res["meta"] = describe_env(args, bench.device)
+    res["meta"] = describe_env(args, bench.device, bench.family)
     if args.baselines_from:
         res["meta"]["baselines_from"] = {"path": args.baselines_from,
                                          "copied": reuse_baselines(res, args.baselines_from, args.skip)}
-    print(f"APL bench: {args.size} on {res['meta']['device_name']} ({bench.device}), {args.precision}, batches "
-          f"{args.batches}, {args.iters} iters after {args.warmup} warm-up", flush=True)
+    print(f"APL bench: {args.size} ({bench.family}) on {res['meta']['device_name']} ({bench.device}), "
+          f"{args.precision}, batches {args.batches}, {args.iters} iters after {args.warmup} warm-up", flush=True)
     t0 = time.perf_counter()
     try:
         bench.run("numerics", bench.numerics)

@@ -1,5 +1,5 @@
 """diffusers / transformers models and pipelines holding our exact weights, for SD v1 and SDXL: the references of
-the parity tests and of the diffusers-folder round trips (and of the SDXL benchmark rows to come).
+the parity tests, of the diffusers-folder round trips and of the benchmark (`reference_unet`, `reference_text`).
 
 Our state dicts go through diffusers' own single-file converters (`diffusers.loaders.single_file_utils`), an
 independent reading of the checkpoint layouts, and are loaded strictly. The SDXL UNet's diffusers config is derived
@@ -8,7 +8,7 @@ here from our config's values; tests compare it with SDXL base's published confi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from diffusers import (
@@ -23,11 +23,24 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import nn
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from bench.baselines import SD_SCHEDULE, _load, diffusers_unet, diffusers_vae, hf_text_model
+from bench.baselines import (
+    SD_SCHEDULE,
+    CLIPText,
+    PrefixInserter,
+    UNetInputs,
+    _load,
+    attach_prefix,
+    diffusers_unet,
+    diffusers_vae,
+    hf_text_model,
+)
+from ldm.modules.encoders.openclip import OPENCLIP_PAD_TOKEN_ID
+from ldm.modules.encoders.tokenizer import CLIPTokenizer as BPETokenizer
 
 SDXL_PREFIX_L = "conditioner.embedders.0.transformer."
 SDXL_PREFIX_G = "conditioner.embedders.1.model."
@@ -192,3 +205,127 @@ def sdxl_pipeline(config: Mapping, sd: Mapping[str, torch.Tensor]) -> StableDiff
         force_zeros_for_empty_prompt=bool(config["model"]["params"].get("force_zeros_for_empty_prompt", True)),
         add_watermarker=False,
     )
+
+
+# ----- the benchmark's reference side, for either family -----
+
+PrefixInit = Callable[[int, int], torch.Tensor]  # (text encoder index, width) -> the prefix's starting (N, width)
+
+
+def is_sdxl_config(config: Mapping) -> bool:
+    """An SDXL (SGM DiffusionEngine) config: it has a conditioner instead of SD v1's cond_stage_config."""
+    return "conditioner_config" in (config["model"].get("params") or {})
+
+
+class SDXLText(nn.Module):
+    """SDXL's conditioning as StableDiffusionXLPipeline.encode_prompt builds it with transformers' two encoders:
+    the penultimate hidden states of CLIPTextModel and CLIPTextModelWithProjection concatenated (768 + 1280), the
+    latter's text_embeds (pooled), and time_ids (original size, crop top-left, target size) = (H, W, 0, 0, H, W)
+    in the text's dtype, as the pipeline makes them for an uncropped H x W image.
+
+    The prefix: one PrefixInserter per encoder on expanded ids (the placeholder N times), so text_encoder_2 pools
+    at the end-of-text token where the prefix moved it. Prompts are tokenized with our BPE tokenizer as our model
+    does (CLIP pads with EOS, OpenCLIP with 0). `uncond(n)`: zeros for the empty negative prompt with
+    `force_zeros` (SDXL base's force_zeros_for_empty_prompt), else the encoded empty prompt."""
+
+    def __init__(
+        self,
+        clip_l: HFCLIPTextModel,
+        clip_g: CLIPTextModelWithProjection,
+        size: tuple[int, int],
+        inserters: Sequence[PrefixInserter] | None = None,
+        force_zeros: bool = True,
+    ) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleList([clip_l, clip_g])
+        self.tokenizers = [BPETokenizer(), BPETokenizer(pad_token_id=OPENCLIP_PAD_TOKEN_ID)]
+        self.inserters = nn.ModuleList(inserters or [])
+        if self.inserters and len(self.inserters) != 2:
+            raise ValueError(f"SDXLText: one PrefixInserter per text encoder (2), got {len(self.inserters)}")
+        for enc, ins in zip(self.encoders, self.inserters, strict=False):
+            if not ins.expanded:
+                raise ValueError("SDXLText: the inserters must take expanded ids (PrefixInserter(expanded=True))")
+            attach_prefix(enc, ins)
+        self.size = (int(size[0]), int(size[1]))
+        self.force_zeros = bool(force_zeros)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoders[0].device
+
+    def time_ids(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        h, w = self.size
+        return torch.tensor([h, w, 0, 0, h, w], dtype=dtype, device=self.device).expand(n, 6)
+
+    def _inputs(self, context: torch.Tensor, pooled: torch.Tensor) -> UNetInputs:
+        n = context.shape[0]
+        return {"encoder_hidden_states": context,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.time_ids(n, context.dtype)}}
+
+    def forward(self, prompts: Sequence[str]) -> UNetInputs:
+        hidden = []
+        for i, (enc, tok) in enumerate(zip(self.encoders, self.tokenizers, strict=True)):
+            ids = tok(list(prompts)).to(self.device)
+            if self.inserters:
+                ids = self.inserters[i].expand_ids(ids)
+            out = enc(input_ids=ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        return self._inputs(torch.cat(hidden, dim=-1), out.text_embeds)
+
+    def uncond(self, n: int) -> UNetInputs:
+        if not self.force_zeros:
+            one = self([""])
+            return self._inputs(one["encoder_hidden_states"].expand(n, -1, -1),
+                                one["added_cond_kwargs"]["text_embeds"].expand(n, -1))
+        l_cfg, g_cfg = self.encoders[0].config, self.encoders[1].config
+        dtype = self.encoders[1].dtype
+        length = self.tokenizers[0].model_max_length
+        context = torch.zeros(n, length, l_cfg.hidden_size + g_cfg.hidden_size, dtype=dtype, device=self.device)
+        return self._inputs(context, torch.zeros(n, g_cfg.projection_dim, dtype=dtype, device=self.device))
+
+    def inputs_of(self, cond: Mapping[str, torch.Tensor]) -> UNetInputs:
+        """The UNet inputs for our model's conditioning {'crossattn', 'vector'}: the vector's pooled text part as
+        text_embeds (diffusers computes the size features from time_ids itself)."""
+        pooled = cond["vector"][:, : self.encoders[1].config.projection_dim]
+        return self._inputs(cond["crossattn"], pooled)
+
+
+def reference_unet(
+    config: Mapping, sd: Mapping[str, torch.Tensor], device: str | torch.device = "cpu", dtype=torch.float32
+) -> UNet2DConditionModel:
+    """diffusers' UNet of the config's family (SD v1 or SDXL) with the weights of `sd`."""
+    return (diffusers_sdxl_unet if is_sdxl_config(config) else diffusers_unet)(config, sd, device, dtype)
+
+
+def reference_text(
+    config: Mapping,
+    sd: Mapping[str, torch.Tensor],
+    device: str | torch.device,
+    dtype: torch.dtype,
+    image_size: int,
+    prefix: PrefixInit | None = None,
+    placeholder: str = "alz",
+) -> CLIPText | SDXLText:
+    """The text side of the config's family with the weights of `sd`: prompts -> UNet inputs, as the family's
+    diffusers pipeline builds them. With `prefix`, a learned prefix at `placeholder` in every text encoder,
+    starting from prefix(encoder index, width); its parameters are `prefix_parameters(text)`."""
+    token = BPETokenizer().token_id(placeholder)
+
+    def inserter(index: int, width: int, expanded: bool) -> PrefixInserter:
+        return PrefixInserter(token, prefix(index, width), expanded=expanded).to(device)
+
+    if is_sdxl_config(config):
+        clip_l, clip_g = hf_clip_l(config, sd, device, dtype), hf_clip_g(config, sd, device, dtype)
+        inserters = None
+        if prefix is not None:
+            inserters = [inserter(i, enc.config.hidden_size, True) for i, enc in enumerate((clip_l, clip_g))]
+        force_zeros = bool(config["model"]["params"].get("force_zeros_for_empty_prompt", True))
+        return SDXLText(clip_l, clip_g, (image_size, image_size), inserters, force_zeros).to(device)
+    hf = hf_text_model(config, sd, device, dtype)
+    ins = inserter(0, hf.config.hidden_size, False) if prefix is not None else None
+    return CLIPText(hf, BPETokenizer(), ins)
+
+
+def prefix_parameters(text: CLIPText | SDXLText) -> list[nn.Parameter]:
+    """The learned vectors of a text side's prefix (what Adam trains), encoder by encoder."""
+    return [m.vectors for m in text.modules() if isinstance(m, PrefixInserter)]

@@ -80,7 +80,7 @@ def check_targets(res: dict) -> dict:
     """The issue's targets (full size on CUDA only): our best variant's value, the goal, whether it is met."""
     meta = res.get("meta", {})
     if meta.get("size") != "full" or meta.get("device_type") != "cuda":
-        return {"note": "targets apply to --size full on a CUDA GPU"}
+        return {"note": "targets apply to --size full (SD v1.5) on a CUDA GPU"}
     train, ratios = res.get("train", {}), res.get("ratios", {})
     big = str(max((int(b) for n in our_variants(res) for b in train[n]), default=0))
     rows = [
@@ -149,9 +149,10 @@ def markdown_table(res: dict) -> str:
     if num:
         lines.append("")
         f32 = num["fp32_ours_vs_diffusers"]
+        # 'text' / 'pooled': the text encoders' features (SDXL: pooled is text_encoder_2's); '_prefix': with it
+        others = ", ".join(f"{part} {s['max_abs']:.2e}" for part, s in f32.items() if part != "unet")
         lines.append(f"- fp32, ours vs diffusers/transformers: UNet max abs {f32['unet']['max_abs']:.2e} "
-                     f"(rel L2 {_fmt(f32['unet']['rel_l2'], '.2e')}), text encoder max abs "
-                     f"{f32['text']['max_abs']:.2e}")
+                     f"(rel L2 {_fmt(f32['unet']['rel_l2'], '.2e')}); text features max abs: {others}")
         for key, d in num.items():
             if key.endswith("_vs_fp32") and not key.startswith("fp32"):
                 for part, s in d.items():

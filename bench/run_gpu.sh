@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The one prepared benchmark run for a lent NVIDIA H100/H200 (about 9 minutes in all). From the repo root:
+# The one prepared benchmark run (SD v1 and SDXL) for a lent NVIDIA H100/H200, about 9 minutes in all. From the
+# repo root:
 #
 #   OUT=bench-out bash bench/run_gpu.sh    # -> $OUT/run.log (environment first), summary.md, one JSON per run
 #
 # It prints the GPU and versions, installs what is missing, runs the CUDA-only tests (pytest -m cuda: the CUDA
-# graph step and train.py --cuda_graph against eager), then the full-size benchmark five times:
-#   eager             all workloads, batches 1,8,32 (the baselines are measured here)
+# graph step and train.py --cuda_graph against eager), then the full-size benchmark six times, in this order:
+#   eager             SD v1.5, all workloads, batches 1,8,32 (the baselines are measured here)
 #   graph             our training step captured in a CUDA graph (train.py --cuda_graph), batches 1,8,32
 #   compile_sampling  our sampler with torch.compile
 #   ckpt              our training step with gradient checkpointing, batches 1,32 (memory)
-#   compile           our training step with torch.compile, batch 32
-# Later runs reuse the eager run's baselines (--baselines_from), so each JSON and table has its ratios.
+#   sdxl              SDXL base at 1024 px (--size full-sdxl), bf16: numerics, diffusers' and our training step at
+#                     batches 1,4, DDIM 50 + CFG sampling of 2 images and their decode, each side on its own
+#                     baselines (estimated 2 minutes, not yet measured: see the comment at its line)
+#   compile           our SD v1 training step with torch.compile, batch 32, with the time that is left
+# The SD v1 runs after eager reuse its baselines (--baselines_from), so each JSON and table has its ratios.
 # Each run has its own time limit; one that does not fit in what is left is skipped and says so. The bench writes
 # its JSON after every measurement, so a run stopped by its limit still leaves what it measured.
+# BENCH_ONLY="sdxl" (names from the list above, space-separated) runs only those, e.g. to rerun one that failed.
 #
 # Offline GPU machines (no package index): fetch the missing pure-Python wheels here first with
 #   bash bench/run_gpu.sh --fetch-wheels        # -> .whl/ (diffusers, open_clip_torch)
@@ -88,15 +93,23 @@ for name in ("diffusers", "diffusers.loaders.single_file_utils", "transformers",
 EOF
 # BENCH_SIZE_ARGS="--size tiny --device cpu" REQUIRE_GPU=0 gives a CPU dry run of this script's own logic.
 SIZE_ARGS="${BENCH_SIZE_ARGS:---size full --device cuda}"
+# The SDXL run's sizes: the same with --size tiny -> tiny-sdxl, full -> full-sdxl (or BENCH_SDXL_SIZE_ARGS).
+SDXL_SIZE_ARGS="${BENCH_SDXL_SIZE_ARGS:-}"
+if [[ -z "$SDXL_SIZE_ARGS" ]]; then
+    SDXL_SIZE_ARGS=$(sed -E 's/--size (tiny|full)( |$)/--size \1-sdxl\2/' <<<"$SIZE_ARGS")
+fi
 if [[ "${REQUIRE_GPU:-1}" == 1 ]]; then
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible: run_gpu.sh is for the lent GPU machine")'
 fi
 
 # --- benchmark runs: name, time limit (s), minimum time needed to start (s), bench arguments ---
-# All output goes to $OUT/run.log (the device tool brings back at most 8 files: run.log, summary.md, 5 JSON).
+# All output goes to $OUT/run.log (the device tool brings back at most 8 files: run.log, summary.md, 6 JSON).
 bench() {
     local name=$1 limit=$2 need=$3
     shift 3
+    if [[ -n "${BENCH_ONLY:-}" && " $BENCH_ONLY " != *" $name "* ]]; then
+        return 0
+    fi
     local left=$(( BUDGET_S - $(elapsed) ))
     if (( left < need )); then
         log "SKIPPED $name: ${left}s left of the ${BUDGET_S}s budget, it needs about ${need}s" | tee -a "$OUT/run.log"
@@ -120,6 +133,11 @@ bench() {
 
 # Later runs take the baselines (original_style, diffusers_bf16, diffusers sampling) from the eager run's JSON.
 reuse() { [[ -s "$OUT/eager.json" ]] && echo "--baselines_from $OUT/eager.json" || true; }
+# A run of the SDXL sizes (bench() reads SIZE_ARGS, here this function's own).
+bench_sdxl() {
+    local SIZE_ARGS=$SDXL_SIZE_ARGS
+    bench "$@"
+}
 
 # CUDA-only tests first (the captured training step and train.py --cuda_graph must equal eager): 150 s at most.
 if [[ -z "${BENCH_SKIP_TESTS:-}" ]]; then
@@ -140,6 +158,14 @@ bench compile_sampling 150 90 --compile --skip train,numerics,decode,sampling_di
 # Gradient checkpointing (memory), short.
 # shellcheck disable=SC2046
 bench ckpt 80 50 --batches 1,32 --grad_ckpt --skip baselines,numerics,sampling $(reuse)
+# SDXL base, 1024 px, bf16, with its own baselines (the SD v1 ones do not apply). What it costs, estimated for an
+# H100 from FLOP counts (nothing measured yet): ~15 s for the random weights (3.5e9 parameters, 14 GB fp32 kept on
+# the host), ~20 s numerics (at 512 px), ~20 s per training side (2 warm-up + 5 timed steps at batches 1 and 4; a
+# 1024 px SDXL sample is several times the UNet work of a 512 px SD v1 one), ~25 s per sampling side (a warm-up and
+# a timed call of 50 steps x 2 images x CFG, then the decode): about 2 minutes. The 180 s limit leaves room; the
+# compile run below gets what is left. Batch 4's grad pass holds tens of GiB of activations; should it run out of
+# memory, the error goes into sdxl.json and the run goes on with sampling.
+bench_sdxl sdxl 180 120 --batches 1,4
 # Compiled training at batch 32 (the throughput target; batch 1 is the CUDA graph's), with what time is left.
 # shellcheck disable=SC2046
 bench compile 330 120 --batches 32 --compile --skip baselines,numerics,sampling $(reuse)

@@ -1,5 +1,9 @@
 """The benchmark's workloads: each builds only its own models on the device, times them and records the result.
 
+The same workloads serve SD v1 and SDXL: on our side the model, its prefix (`make_prefix`: one EmbeddingManager per
+text encoder) and its token ids (`tokenize_prompts`) come as train.py gets them; the reference side's UNet and
+text encoders come from `bench.pipelines.reference_unet` / `reference_text` for the config's family.
+
 Timing: warm-up calls (compilation and CUDA-graph capture happen there), then timed calls with one synchronize at
 the end. Peak memory is torch.cuda.max_memory_allocated over warm-up and timed calls together (resident weights
 included): a captured graph allocates its memory pool during capture and nothing when it replays; None on the CPU.
@@ -12,28 +16,26 @@ import gc
 import json
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 
 from apl.io import atomic_write_text
 from apl.step import StaticStep, apl_loss
 from bench.baselines import (
-    PrefixInserter,
-    attach_prefix,
     cached_latent_step,
     ddim_sample,
-    diffusers_unet,
     diffusers_vae,
-    hf_text_model,
     original_style_step,
+    text_parts,
     vae_decode,
 )
+from bench.pipelines import is_sdxl_config, prefix_parameters, reference_text, reference_unet
 from bench.report import check_targets, compute_ratios, describe_record, error_stats
 from ldm.checkpoint import build_model
 from ldm.models.diffusion.ddpm import SCHEDULE_KEYS
-from ldm.modules.embedding_manager import EmbeddingManager
-from ldm.modules.encoders.tokenizer import CLIPTokenizer
+from ldm.modules.prefix import make_prefix, tokenize_prompts
 from ldm.sampling import txt2img_latents
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -155,6 +157,13 @@ def prefix_vectors(n: int, width: int, seed: int) -> torch.Tensor:
     return torch.rand(n, width, generator=torch.Generator().manual_seed(seed))
 
 
+def our_text_parts(cond: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our conditioning by part: 'text' (the context), and for SDXL 'vector' (pooled text + size features)."""
+    if isinstance(cond, Mapping):
+        return {"text": cond["crossattn"], "vector": cond["vector"]}
+    return {"text": cond}
+
+
 # ----- workloads -----
 
 
@@ -167,9 +176,10 @@ class Workloads:
         self.dtype = PRECISIONS[args.precision]
         self.config = config
         self.latent_hw = args.image_size // 8
+        self.sdxl = is_sdxl_config(config)
+        self.family = "sdxl" if self.sdxl else "sd1"
         self.results: dict = {"meta": {}, "train": {}, "sampling": {}, "decode": {}, "numerics": {}, "errors": {}}
         self._sd: dict[str, torch.Tensor] | None = None
-        self._tokenizer = None
 
     @property
     def sd(self) -> dict[str, torch.Tensor]:
@@ -178,16 +188,30 @@ class Workloads:
             self._sd = master_state_dict(self.config, self.device, self.args.seed)
         return self._sd
 
-    @property
-    def tokenizer(self):
-        """Our offline CLIP tokenizer; both sides tokenize with it every step (same ids, same cost)."""
-        if self._tokenizer is None:
-            self._tokenizer = CLIPTokenizer()
-        return self._tokenizer
+    def size_kwargs(self, side: int) -> dict:
+        """SDXL's size conditioning for side x side px images, uncropped, as train.py and txt2img give it."""
+        return {"target_size": (side, side)} if self.sdxl else {}
 
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> token ids (B, 77) on the CPU."""
-        return self.tokenizer(list(prompts))
+    def prefix_init(self, index: int, width: int) -> torch.Tensor:
+        """The starting vectors of text encoder `index` (width wide), the same on both sides."""
+        return prefix_vectors(self.args.num_vectors, width, self.args.seed + index)
+
+    def reset_prefix(self, em) -> None:
+        """Set our prefix (EmbeddingManager or PrefixSet) to `prefix_init`, encoder by encoder."""
+        with torch.no_grad():
+            for i, p in enumerate(em.embedding_parameters()):
+                p.copy_(self.prefix_init(i, p.shape[1]))
+
+    def our_prefix(self, model):
+        """Our prefix for `model` as train.py makes it (make_prefix), starting from `prefix_init`, on the device."""
+        em = make_prefix(model, PLACEHOLDER, self.args.num_vectors)
+        self.reset_prefix(em)
+        return em.to(self.device)
+
+    def reference_text(self, dtype: torch.dtype, side: int, prefix: bool):
+        """The reference side's text encoders (with the prefix if `prefix`) for side x side px images."""
+        init = self.prefix_init if prefix else None
+        return reference_text(self.config, self.sd, self.device, dtype, side, init, PLACEHOLDER)
 
     def save(self) -> None:
         """Recompute ratios and targets, then write the JSON atomically."""
@@ -229,19 +253,18 @@ class Workloads:
                 "warmup_s": t["warmup_s"], "iters": t["iters"], "warmup": t["warmup"], **extra}
 
     def original_style(self) -> None:
-        """diffusers fp32, batch 1, as the original trained: VAE encode, 3 UNet passes per step."""
+        """diffusers fp32, batch 1, as the original trained: VAE encode, 3 UNet passes per step (SD v1 only)."""
         a, dev = self.args, self.device
-        unet = diffusers_unet(self.config, self.sd, dev, torch.float32)
+        if self.sdxl:
+            print("  not measured for SDXL: the original APL trained SD v1 only", flush=True)
+            return
+        unet = reference_unet(self.config, self.sd, dev, torch.float32)
         vae = diffusers_vae(self.config, self.sd, dev, torch.float32)
-        hf = hf_text_model(self.config, self.sd, dev, torch.float32)
-        width = hf.config.hidden_size
-        inserter = PrefixInserter(self.tokenizer.token_id(PLACEHOLDER), prefix_vectors(a.num_vectors, width, a.seed))
-        inserter.to(dev)
-        attach_prefix(hf, inserter)
-        opt = torch.optim.Adam(inserter.parameters(), lr=1e-3)
+        text = self.reference_text(torch.float32, a.image_size, prefix=True)
+        opt = torch.optim.Adam(prefix_parameters(text), lr=1e-3)
         image = torch.rand(1, 3, a.image_size, a.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
         private, neutral = train_prompts(1)
-        step = original_style_step(unet, vae, hf, inserter, opt, self.tokenize, image.to(dev), private, neutral)
+        step = original_style_step(unet, vae, text, opt, image.to(dev), private, neutral)
         weights = _allocated_gib(dev)
         t = timed(step, a.iters, a.warmup, dev)
         self.record("train", "original_style", "1", self._train_record(1, t, weights, dtype="fp32", unet_passes=3))
@@ -249,18 +272,14 @@ class Workloads:
     def diffusers_bf16(self) -> None:
         """diffusers bf16 + SDPA, cached latents, one no-grad + one grad UNet pass, at each batch size."""
         a, dev = self.args, self.device
-        unet = diffusers_unet(self.config, self.sd, dev, self.dtype)
-        hf = hf_text_model(self.config, self.sd, dev, self.dtype)
-        inserter = PrefixInserter(
-            self.tokenizer.token_id(PLACEHOLDER), prefix_vectors(a.num_vectors, hf.config.hidden_size, a.seed)
-        ).to(dev)
-        attach_prefix(hf, inserter)
-        opt = torch.optim.Adam(inserter.parameters(), lr=1e-3)
+        unet = reference_unet(self.config, self.sd, dev, self.dtype)
+        text = self.reference_text(self.dtype, a.image_size, prefix=True)
+        opt = torch.optim.Adam(prefix_parameters(text), lr=1e-3)
         weights = _allocated_gib(dev)
         for b in a.batches:
-            z0 = torch.randn(b, 4, self.latent_hw, self.latent_hw, device=dev)  # cached (scaled) latents
+            z0 = torch.randn(b, unet.config.in_channels, self.latent_hw, self.latent_hw, device=dev)  # cached latents
             private, neutral = train_prompts(b)
-            step = cached_latent_step(unet, hf, opt, self.tokenize, z0, private, neutral)
+            step = cached_latent_step(unet, text, opt, z0, private, neutral)
             t = timed(step, a.iters, a.warmup, dev)
             self.record("train", "diffusers_bf16", str(b), self._train_record(b, t, weights, dtype=a.precision))
             del z0, step
@@ -275,10 +294,8 @@ class Workloads:
             model.model.diffusion_model.set_gradient_checkpointing(True)
         if a.compile:
             compile_unet(model, a.compile_mode, a.compile_dynamic)
-        em = EmbeddingManager(model.cond_stage_model, [PLACEHOLDER], a.num_vectors)
-        with torch.no_grad():
-            em.string_to_param_dict[PLACEHOLDER].copy_(prefix_vectors(a.num_vectors, em.token_dim, a.seed))
-        em.to(dev)
+        em = self.our_prefix(model)  # SD v1: one EmbeddingManager; SDXL: a PrefixSet (one per text encoder)
+        tokenize = partial(tokenize_prompts, model)  # (B, 77) ids, or one (B, 77) per text encoder (SDXL)
         opt = torch.optim.Adam(em.embedding_parameters(), lr=1e-3)
         weights = _allocated_gib(dev)
         params = em.embedding_parameters()
@@ -288,14 +305,16 @@ class Workloads:
             z0 = torch.randn(b, *shape, device=dev)  # the trainer gathers cached latents on the device
             private, neutral = train_prompts(b)
             # As apl.trainer.train does it: t and noise drawn on the CPU, prompts tokenized, all copied into the
-            # static step (captured in a CUDA graph with --cuda_graph), then Adam on the prefix.
-            device_step = StaticStep(model, em, b, shape, graph=a.cuda_graph)
+            # static step (captured in a CUDA graph with --cuda_graph), then Adam on the prefix; SDXL conditions on
+            # the image size.
+            device_step = StaticStep(model, em, b, shape, graph=a.cuda_graph,
+                                     cond_kwargs=self.size_kwargs(a.image_size) or None)
 
             def step(z0=z0, private=private, neutral=neutral, device_step=device_step, shape=shape) -> None:
                 b = z0.shape[0]
                 t = torch.randint(0, model.num_timesteps, (b,))
                 noise = torch.randn(b, *shape)
-                device_step.load(z0, t, noise, self.tokenize(private), self.tokenize(neutral))
+                device_step.load(z0, t, noise, tokenize(private), tokenize(neutral))
                 _, grads = device_step.run()
                 for p, grad in zip(params, grads, strict=True):
                     p.grad = grad
@@ -326,15 +345,15 @@ class Workloads:
     def sampling_diffusers(self) -> None:
         """diffusers DDIM + CFG loop, then (unless skipped) the VAE decode of its latents."""
         a, dev = self.args, self.device
-        unet = diffusers_unet(self.config, self.sd, dev, self.dtype)
-        hf = hf_text_model(self.config, self.sd, dev, self.dtype)
+        unet = reference_unet(self.config, self.sd, dev, self.dtype)
+        text = self.reference_text(self.dtype, a.image_size, prefix=False)
         vae = diffusers_vae(self.config, self.sd, dev, self.dtype) if "decode" not in a.skip else None
         prompts = sample_prompts(a.sample_batch)
         out: list[torch.Tensor] = []
 
         def sample() -> None:
             g = torch.Generator(dev).manual_seed(a.seed)
-            out[:] = [ddim_sample(unet, hf, self.tokenize, prompts, self.latent_hw, a.steps, a.scale, g)]
+            out[:] = [ddim_sample(unet, text, prompts, self.latent_hw, a.steps, a.scale, g)]
 
         t = timed(sample, a.sample_iters, 1, dev)
         self.record("sampling", "diffusers_bf16", None, self._sample_record(t))
@@ -369,55 +388,64 @@ class Workloads:
     # --- numerics ---
 
     def numerics(self) -> None:
-        """Our fp32 vs diffusers fp32, and our low precision vs our fp32 (UNet, text, loss, prefix grad)."""
+        """Our fp32 vs diffusers fp32 (UNet on our conditioning; text features without and with the prefix), and
+        our low precision vs our fp32 (UNet, text, loss, prefix grad). At --numerics_image_size (SDXL full: 512)."""
         a, dev = self.args, self.device
+        side = a.numerics_image_size
+        hw, size = side // 8, self.size_kwargs(side)
         model = build_ours(self.config, self.sd, dev, torch.float32)
         g = torch.Generator().manual_seed(a.seed + 7)
-        x = torch.randn(2, model.channels, self.latent_hw, self.latent_hw, generator=g).to(dev)
+        x = torch.randn(2, model.channels, hw, hw, generator=g).to(dev)
         t = torch.tensor([3, 871], device=dev)
         prompts = ["A close-up portrait of a person, studio lighting", "a dog on the beach"]
         private, neutral = train_prompts(2)
-        em = EmbeddingManager(model.cond_stage_model, [PLACEHOLDER], a.num_vectors).to(dev)
+        em = self.our_prefix(model)
 
         def prefix_grad() -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad():
-                em.string_to_param_dict[PLACEHOLDER].copy_(prefix_vectors(a.num_vectors, em.token_dim, a.seed))
+            self.reset_prefix(em)
             em.zero_grad(set_to_none=True)
-            loss = apl_loss(model, em, model.q_sample(x, t, x.flip(0)), t, private, neutral).mean()
+            z_t = model.q_sample(x, t, x.flip(0))
+            loss = apl_loss(model, em, z_t, t, private, neutral, cond_kwargs=size or None).mean()
             loss.backward()
-            return loss.detach(), em.string_to_param_dict[PLACEHOLDER].grad.detach().clone()
+            return loss.detach(), torch.cat([p.grad.detach().flatten() for p in em.embedding_parameters()])
 
+        vs_ref: dict[str, dict] = {}
         with torch.no_grad():
-            ctx32 = model.get_learned_conditioning(prompts)
-            eps32 = model.apply_model(x, t, ctx32)
-            unet = diffusers_unet(self.config, self.sd, dev, torch.float32)
-            eps_ref = unet(x, t, encoder_hidden_states=ctx32).sample
+            cond32 = model.get_learned_conditioning(prompts, **size)
+            eps32 = model.apply_model(x, t, cond32)
+            text = self.reference_text(torch.float32, side, prefix=True)
+            unet = reference_unet(self.config, self.sd, dev, torch.float32)
+            vs_ref["unet"] = error_stats(eps32, unet(x, t, **text.inputs_of(cond32)).sample)
             del unet
-            hf = hf_text_model(self.config, self.sd, dev, torch.float32)
-            ctx_ref = hf(input_ids=self.tokenize(prompts).to(dev)).last_hidden_state
-            del hf
+            cond_p = model.get_learned_conditioning(private, embedding_manager=em, **size)
+            for suffix, ours, ref in (("", cond32, text(prompts)), ("_prefix", cond_p, text(private))):
+                theirs = text_parts(ref)
+                for part, value in text_parts(text.inputs_of(ours)).items():
+                    vs_ref[part + suffix] = error_stats(value, theirs[part])
+            del text
         loss32, grad32 = prefix_grad()
         model.set_precision(self.dtype)
         with torch.no_grad():
-            ctx16 = model.get_learned_conditioning(prompts)
-            eps16_unet = model.apply_model(x, t, ctx32)  # the same fp32 context, cast inside: UNet error only
-            eps16_full = model.apply_model(x, t, ctx16)
+            cond16 = model.get_learned_conditioning(prompts, **size)
+            eps16_unet = model.apply_model(x, t, cond32)  # the same fp32 conditioning, cast inside: UNet error only
+            eps16_full = model.apply_model(x, t, cond16)
         loss16, grad16 = prefix_grad()
+        low = {"unet": error_stats(eps16_unet, eps32)}
+        parts32 = our_text_parts(cond32)
+        low |= {part: error_stats(v, parts32[part]) for part, v in our_text_parts(cond16).items()}
+        low |= {
+            "text_and_unet": error_stats(eps16_full, eps32),
+            "apl_loss": error_stats(loss16.reshape(1), loss32.reshape(1)),
+            "prefix_grad": error_stats(grad16, grad32),
+        }
         res = {
-            "input": {"batch": 2, "t": t.tolist(), "latent_hw": self.latent_hw},
-            "fp32_ours_vs_diffusers": {"unet": error_stats(eps32, eps_ref), "text": error_stats(ctx32, ctx_ref)},
-            f"{a.precision}_vs_fp32": {
-                "unet": error_stats(eps16_unet, eps32),
-                "text": error_stats(ctx16, ctx32),
-                "text_and_unet": error_stats(eps16_full, eps32),
-                "apl_loss": error_stats(loss16.reshape(1), loss32.reshape(1)),
-                "prefix_grad": error_stats(grad16, grad32),
-            },
+            "input": {"batch": 2, "t": t.tolist(), "latent_hw": hw, "family": self.family},
+            "fp32_ours_vs_diffusers": vs_ref,
+            f"{a.precision}_vs_fp32": low,
             "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         }
         self.results["numerics"] = res
         self.save()
-        bf = res[f"{a.precision}_vs_fp32"]
-        print(f"  fp32 ours vs diffusers: UNet max abs {res['fp32_ours_vs_diffusers']['unet']['max_abs']:.2e}; "
-              f"{a.precision} vs fp32: UNet rel {bf['unet']['rel_l2']:.2e}, text+UNet rel "
-              f"{bf['text_and_unet']['rel_l2']:.2e}, prefix grad cos {bf['prefix_grad']['cosine']:.4f}", flush=True)
+        print("  fp32 ours vs diffusers: " + ", ".join(f"{k} max abs {v['max_abs']:.2e}" for k, v in vs_ref.items())
+              + f"; {a.precision} vs fp32: UNet rel {low['unet']['rel_l2']:.2e}, text+UNet rel "
+              f"{low['text_and_unet']['rel_l2']:.2e}, prefix grad cos {low['prefix_grad']['cosine']:.4f}", flush=True)

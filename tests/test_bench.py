@@ -1,4 +1,5 @@
-"""bench/: the benchmark runs end to end at the tiny size on the CPU (no timing assertions), and its parts hold."""
+"""bench/: the benchmark runs end to end at the tiny sizes (SD v1 and SDXL) on the CPU (no timing assertions), and
+its parts hold."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ def _positive(x) -> bool:
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
     res = main(["--size", "tiny", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    return res, out
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "sdxl.json"
+    res = main(["--size", "tiny-sdxl", "--device", "cpu", "--threads", "1", "--out", str(out)])
     return res, out
 
 
@@ -55,7 +63,8 @@ def test_tiny_cpu_numerics(tiny_run):
     num = res["numerics"]
     fp32 = num["fp32_ours_vs_diffusers"]
     assert fp32["unet"]["ref_max_abs"] > 1e-3 and fp32["unet"]["max_abs"] <= 1e-4  # same weights, same maths
-    assert fp32["text"]["max_abs"] <= 1e-4
+    assert set(fp32) == {"unet", "text", "text_prefix"}
+    assert fp32["text"]["max_abs"] <= 1e-4 and fp32["text_prefix"]["max_abs"] <= 1e-4
     bf16 = num["bf16_vs_fp32"]
     for part in ("unet", "text", "text_and_unet"):
         assert 0 < bf16[part]["rel_l2"] < 0.1, (part, bf16[part])  # bf16 really ran, and stayed close
@@ -68,6 +77,54 @@ def test_table_lists_every_workload(tiny_run):
     for row in ("train original_style | 1", "train diffusers_bf16 | 2", "train ours | 2", "sampling ours",
                 "decode diffusers_bf16", "bf16 vs fp32 unet"):
         assert row in table, row
+
+
+def test_tiny_sdxl_cpu_run_has_the_sdxl_rows(tiny_sdxl_run):
+    res, out = tiny_sdxl_run
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res, default=str))
+    assert res["errors"] == {}
+    meta = res["meta"]
+    assert meta["family"] == "sdxl" and meta["config"] == "configs/tiny/tiny-sdxl.yaml" and meta["image_size"] == 64
+    train = res["train"]
+    assert set(train) == {"diffusers_bf16", "ours"}  # no original-style step: the original APL had no SDXL
+    for name, per_batch in train.items():
+        assert set(per_batch) == {"1", "2"}, name
+        for b, rec in per_batch.items():
+            assert rec["batch"] == int(b) and rec["dtype"] == "bf16"
+            assert _positive(rec["samples_per_s"]) and _positive(rec["step_ms"]), (name, b, rec)
+    for group in ("sampling", "decode"):
+        assert set(res[group]) == {"diffusers_bf16", "ours"}
+        for rec in res[group].values():
+            assert _positive(rec["images_per_s"]) and rec["batch"] == 2
+    assert res["sampling"]["ours"]["steps"] == res["sampling"]["diffusers_bf16"]["steps"] == 2
+    for b in ("1", "2"):
+        assert _positive(res["ratios"]["train"][b]["ours/diffusers_bf16"])
+        assert res["ratios"]["train"][b]["ours/original_style"] is None
+    assert _positive(res["ratios"]["sampling"]["ours/diffusers_bf16"])
+    assert "note" in res["targets"]
+    table = markdown_table(res)
+    assert table.startswith("APL benchmark: tiny-sdxl size")
+    for row in ("train diffusers_bf16 | 1", "train diffusers_bf16 | 2", "train ours | 1", "train ours | 2",
+                "sampling diffusers_bf16 (DDIM 2", "sampling ours (DDIM 2", "decode ours", "pooled_prefix",
+                "bf16 vs fp32 vector"):
+        assert row in table, row
+    assert "train original_style" not in table
+
+
+def test_tiny_sdxl_numerics(tiny_sdxl_run):
+    """Our fp32 SDXL UNet and both text encoders (context, pooled; with and without the prefix) equal diffusers'
+    and transformers' on the same weights; bf16 stays close."""
+    res, _ = tiny_sdxl_run
+    num = res["numerics"]
+    assert num["input"] == {"batch": 2, "t": [3, 871], "latent_hw": 8, "family": "sdxl"}
+    fp32 = num["fp32_ours_vs_diffusers"]
+    assert set(fp32) == {"unet", "text", "pooled", "text_prefix", "pooled_prefix"}
+    for part, s in fp32.items():
+        assert s["ref_max_abs"] > 1e-3 and s["max_abs"] <= 1e-4, (part, s)
+    bf16 = num["bf16_vs_fp32"]
+    for part in ("unet", "text", "vector", "text_and_unet"):
+        assert 0 < bf16[part]["rel_l2"] < 0.1, (part, bf16[part])
+    assert bf16["prefix_grad"]["cosine"] > 0.9
 
 
 def test_baselines_reused_with_grad_checkpointing(tiny_run, tmp_path):
@@ -98,6 +155,15 @@ def test_prefix_inserter_matches_embedding_manager(tiny_model):
         ours, ref = ins(ids, tok), em(ids, tok)
     assert not torch.equal(ref[0], tok[0])  # the prefix really went in
     assert torch.equal(ours, ref)
+    # Expanded mode (SDXL's reference side): the ids already hold the placeholder N times, as EmbeddingManager's
+    # expanded row does; the text model embeds those ids and the hook only puts the vectors in.
+    expanded = ins.expand_ids(ids)
+    assert torch.equal(expanded, em.expand_ids(ids)) and not torch.equal(expanded, ids)
+    assert (expanded[0] == em.string_to_token_dict["alz"]).sum() == 10
+    ins_x = PrefixInserter(em.string_to_token_dict["alz"], vectors, expanded=True)
+    tok_x = tiny_model.cond_stage_model.transformer.text_model.embeddings.token_embedding(expanded)
+    with torch.no_grad():
+        assert torch.equal(ins_x(expanded, tok_x), ref)
 
 
 def test_targets_are_judged_only_for_full_size_gpu():
@@ -131,8 +197,14 @@ def test_targets_are_judged_only_for_full_size_gpu():
 def test_cli_checks_its_arguments():
     args = parse_args(["--size", "full", "--skip", "sampling,numerics"])
     assert args.batches == [1, 8, 32] and args.steps == 50 and args.image_size == 512
+    assert args.numerics_image_size == 512
     assert args.skip == {"sampling_diffusers", "sampling_ours", "numerics"}
-    for bad in (["--skip", "warp_drive"], ["--batches", "0,8"], ["--image_size", "60"], ["--cuda_graph", "--compile"]):
+    sdxl = parse_args(["--size", "full-sdxl"])
+    assert sdxl.batches == [1, 4] and sdxl.steps == 50 and sdxl.image_size == 1024
+    assert sdxl.numerics_image_size == 512 and sdxl.sample_batch == 2
+    assert parse_args(["--size", "full-sdxl", "--image_size", "256"]).numerics_image_size == 256
+    for bad in (["--skip", "warp_drive"], ["--batches", "0,8"], ["--image_size", "60"], ["--cuda_graph", "--compile"],
+                ["--numerics_image_size", "100"], ["--size", "huge-sdxl"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
