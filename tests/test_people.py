@@ -210,7 +210,9 @@ def test_sample_identity_prompts_distribution():
         with_post += rest.endswith(("in a park", "at night"))
         assert neutral.startswith(pre)
     assert set(pres) == set(PREFIXES)
-    assert all(abs(c / n - 1 / len(PREFIXES)) < 0.04 for c in pres.values())
+    # No opening phrase half the time (the original's four empty strings of eight), else one of the four phrases.
+    assert abs(pres[""] / n - 0.5) < 0.04
+    assert all(abs(c / n - 0.5 / (len(PREFIXES) - 1)) < 0.04 for p, c in pres.items() if p)
     assert abs(with_post / n - 0.5) < 0.05
     # same seed, same prompts
     a = [sample_identity_prompts("Tom Hanks", DESC, templates, random.Random(7)) for _ in range(3)]
