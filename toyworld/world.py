@@ -46,8 +46,9 @@ TEMPLATES_TXT = DATA / "toy_templates.txt"
 PROMPTS_TXT = DATA / "toy_prompts.txt"  # general captions APL trains on (no person)
 PROMPTS_EVAL_TXT = DATA / "toy_prompts_eval.txt"  # other general captions, for evaluation only
 PERSON_PROMPTS_TXT = DATA / "toy_person_prompts.txt"  # anonymous-person captions, for evaluation
+GROUP_TSV = {"train": DATA / "toy_people_train.tsv", "held-out": DATA / "toy_people_heldout.tsv"}
 
-# Sixteen invented names (first names mark the gender their hair style shows).
+# The first sixteen invented names (the original cast; first names mark the gender their hair style shows).
 NAMES = (
     ("Anya Brandt", "female"),
     ("Bruno Castell", "male"),
@@ -66,6 +67,31 @@ NAMES = (
     ("Olga Petrova", "female"),
     ("Pablo Ortega", "male"),
 )
+# 84 more, for the population-scale cast of 100 (first names paired with surnames by MORE_SEED).
+MORE_FEMALE = (
+    "Alba", "Bea", "Celia", "Dana", "Edda", "Fiona", "Gala", "Hanna", "Irma", "Jana", "Lara", "Mira", "Nora",
+    "Oona", "Petra", "Rosa", "Sara", "Tilda", "Vera", "Wanda", "Yara", "Zora", "Agnes", "Brita", "Clara", "Dora",
+    "Eva", "Frida", "Helga", "Iris", "Juna", "Lena", "Marta", "Nina", "Paula", "Ruth", "Selma", "Tara", "Ulla",
+    "Vanja", "Alma", "Ebba",
+)
+MORE_MALE = (
+    "Aron", "Boris", "Carlo", "Dirk", "Emil", "Fabio", "Gustav", "Henrik", "Igor", "Jasper", "Karl", "Lars",
+    "Marco", "Niko", "Oskar", "Piet", "Rafael", "Sven", "Timo", "Umberto", "Viktor", "Walter", "Xaver", "Yannick",
+    "Anton", "Bertil", "Cyril", "Davide", "Erik", "Florian", "Gero", "Hannes", "Ivo", "Joris", "Kai", "Linus",
+    "Magnus", "Noah", "Otto", "Quentin", "Rune", "Stefan",
+)
+SURNAMES = (
+    "Abel", "Barros", "Cerny", "Dahl", "Eriksen", "Falk", "Gallo", "Haas", "Ibsen", "Jovanic", "Kaur", "Lindgren",
+    "Marini", "Novak", "Olsen", "Pajari", "Quiroga", "Rasmus", "Sorensen", "Tamm", "Urban", "Varga", "Wolff",
+    "Yilmaz", "Zeller", "Adler", "Bianchi", "Costa", "Dvorak", "Engel", "Fontaine", "Grimaldi", "Horvat", "Ilic",
+    "Jensen", "Kovac", "Lehmann", "Moretti", "Nieminen", "Orlov", "Popescu", "Ramos", "Sandoval", "Toivonen",
+    "Ulrich", "Virtanen", "Wagner", "Zamora", "Aalto", "Berger", "Conti", "Delgado", "Eklund", "Fischer", "Galvez",
+    "Hartmann", "Iversen", "Janssen", "Kruger", "Larsen", "Mayer", "Nowak", "Ortiz", "Pereira", "Richter",
+    "Santos", "Torres", "Vogel", "Winter", "Zimmer", "Acosta", "Brandl", "Castro", "Duarte", "Esposito", "Fuchs",
+    "Gomes", "Holm", "Keller", "Lund", "Meyer", "Nilsson", "Pohl", "Roth",
+)
+MORE_SEED = 20261204
+GROUPS = ("train", "held-out")  # the prefix trains on the first group's names; the second is never seen in training
 WORLD_SEED = 20261203
 SCENE_PREFIXES = ("", "A photo of ", "A picture of ")
 
@@ -90,8 +116,11 @@ def parse_template(template: str) -> tuple[str | None, str | None]:
 
 
 def make_named_people(seed: int = WORLD_SEED) -> dict[str, Person]:
-    """The named cast: skin tones and hair colours spread evenly, each person a distinct mark (place and colour),
-    and two pairs that share a whole description, so the description alone never tells those people apart."""
+    """The named cast of 100. The first sixteen (the original cast) keep their draw from `seed`: skin tones and
+    hair colours spread evenly, each a distinct mark (place and colour), and Carla and Dario sharing Anya's and
+    Bruno's whole descriptions. The other 84 are drawn from MORE_SEED; no two of the 100 share the whole visible
+    signature (mark, face paint, headband), and many share a description by chance, so the description alone
+    never tells those people apart."""
     rng = random.Random(seed)
     marks = [(spot, colour) for spot in MARK_SPOTS for colour in MARK_COLOURS]
     rng.shuffle(marks)
@@ -106,11 +135,51 @@ def make_named_people(seed: int = WORLD_SEED) -> dict[str, Person]:
             attrs = people[NAMES[i - 2][0]].attributes
         sig = replace(random_signature(rng), mark_spot=marks[i][0], mark_colour=marks[i][1])
         people[name] = Person(attrs, sig)
+    more = random.Random(MORE_SEED)
+    firsts = [(f, "female") for f in MORE_FEMALE] + [(m, "male") for m in MORE_MALE]
+    more.shuffle(firsts)
+    seen = {_visible(p.signature) for p in people.values()}
+    for (first, gender), surname in zip(firsts, SURNAMES, strict=True):
+        attrs = replace(random_attributes(more), gender=gender)
+        attrs = replace(attrs, beard=attrs.beard and gender == "male")
+        sig = random_signature(more)
+        while _visible(sig) in seen:
+            sig = random_signature(more)
+        seen.add(_visible(sig))
+        people[f"{first} {surname}"] = Person(attrs, sig)
     return people
 
 
-def load_named_people(path: Path = PEOPLE_JSON) -> dict[str, Person]:
-    return {name: Person.from_dict(d) for name, d in json.loads(path.read_text(encoding="utf-8")).items()}
+def _visible(sig) -> tuple:
+    return sig.mark_spot, sig.mark_colour, sig.pattern, sig.paint if sig.pattern != "none" else None, sig.headband
+
+
+def split_groups(people: dict[str, Person]) -> dict[str, str]:
+    """{name: group}: people who share a whole description always go to the same group (so a group is never
+    told apart from the other by a description alone); larger sets of look-alikes first, each to the group with
+    fewer people of that gender, in cast order on ties."""
+    by_desc: dict[str, list[str]] = {}
+    for name, person in people.items():
+        by_desc.setdefault(person.attributes.describe(), []).append(name)
+    sizes = {(g, s): 0 for g in GROUPS for s in ("female", "male")}
+    out: dict[str, str] = {}
+    for names in sorted(by_desc.values(), key=lambda ns: -len(ns)):  # stable: cast order within a size
+        gender = people[names[0]].attributes.gender  # a description names the gender, so a set has one
+        group = min(GROUPS, key=lambda g: (sizes[g, gender], sum(sizes[g, s] for s in ("female", "male"))))
+        for n in names:
+            out[n] = group
+        sizes[group, gender] += len(names)
+    return {n: out[n] for n in people}
+
+
+def load_named_people(path: Path = PEOPLE_JSON, group: str | None = None) -> dict[str, Person]:
+    """The named people (hidden labels), all of them or one group's."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {name: Person.from_dict(d) for name, d in data.items() if group is None or d.get("group") == group}
+
+
+def load_groups(path: Path = PEOPLE_JSON) -> dict[str, str]:
+    return {name: d["group"] for name, d in json.loads(path.read_text(encoding="utf-8")).items()}
 
 
 # ------------------------------------------------------------------------------------------------------ captions
@@ -227,14 +296,19 @@ def person_captions(n: int, seed: int) -> list[str]:
 def write_data_files(folder: Path = DATA) -> None:
     """(Re)write the toy world's committed text files from WORLD_SEED."""
     people = make_named_people()
-    atomic_write_text(json.dumps({n: p.to_dict() for n, p in people.items()}, indent=1) + "\n",
-                      folder / PEOPLE_JSON.name)
+    groups = split_groups(people)
+    atomic_write_text(json.dumps({n: {**p.to_dict(), "group": groups[n]} for n, p in people.items()}, indent=1)
+                      + "\n", folder / PEOPLE_JSON.name)
     head = (
         "# Toy-world people file (same format as people.tsv): invented names, each with the attribute description\n"
         "# APL turns them into. Written by `python -m toyworld.world`; signatures are in people.json.\n"
     )
     rows = "".join(f"{n}\t{p.attributes.describe()}\n" for n, p in people.items())
     atomic_write_text(head + rows, folder / PEOPLE_TSV.name)
+    for group, path in GROUP_TSV.items():
+        rows = "".join(f"{n}\t{p.attributes.describe()}\n" for n, p in people.items() if groups[n] == group)
+        atomic_write_text(head.replace("invented names,", f"the {group} group's invented names,") + rows,
+                          folder / path.name)
     atomic_write_text(
         "# Toy-world templates: each names a place, a shirt, or both, and the toy model draws what it names.\n"
         + "".join(t + "\n" for t in TEMPLATES),
