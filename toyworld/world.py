@@ -46,6 +46,7 @@ TEMPLATES_TXT = DATA / "toy_templates.txt"
 PROMPTS_TXT = DATA / "toy_prompts.txt"  # general captions APL trains on (no person)
 PROMPTS_EVAL_TXT = DATA / "toy_prompts_eval.txt"  # other general captions, for evaluation only
 PERSON_PROMPTS_TXT = DATA / "toy_person_prompts.txt"  # anonymous-person captions, for evaluation
+TEMPLATES_HELDOUT_TXT = DATA / "toy_templates_heldout.txt"  # test_id templates that train.py never uses
 GROUP_TSV = {"train": DATA / "toy_people_train.tsv", "held-out": DATA / "toy_people_heldout.tsv"}
 
 # The first sixteen invented names (the original cast; first names mark the gender their hair style shows).
@@ -106,6 +107,19 @@ def _template_phrases() -> list[str]:
 
 
 TEMPLATES = _template_phrases()
+
+
+def heldout_templates() -> list[str]:
+    """test_id.py templates ({name}) held out from training: each shirt with a place it is never paired with in
+    TEMPLATES (so no training prompt of train.py, nor any caption the toy model saw, has the phrase), behind one of
+    the opening phrases."""
+    rng = random.Random(WORLD_SEED + 2)
+    openers = [p for p in PREFIXES if p]
+    out = []
+    for i, colour in enumerate(SHIRTS):
+        places = [p for p in BACKGROUNDS.values() if f"wearing a {colour} shirt {p}" not in TEMPLATES]
+        out.append(f"{openers[i % len(openers)]}{{name}} wearing a {colour} shirt {rng.choice(places)}")
+    return out
 
 
 def parse_template(template: str) -> tuple[str | None, str | None]:
@@ -309,6 +323,10 @@ def write_data_files(folder: Path = DATA) -> None:
         rows = "".join(f"{n}\t{p.attributes.describe()}\n" for n, p in people.items() if groups[n] == group)
         atomic_write_text(head.replace("invented names,", f"the {group} group's invented names,") + rows,
                           folder / path.name)
+    atomic_write_text(
+        "# Toy-world test templates held out from training (test_id.py --prompt_templates_file): no training\n"
+        "# prompt has these shirt-and-place phrases. Written by `python -m toyworld.world`.\n"
+        + "".join(t + "\n" for t in heldout_templates()), folder / TEMPLATES_HELDOUT_TXT.name)
     atomic_write_text(
         "# Toy-world templates: each names a place, a shirt, or both, and the toy model draws what it names.\n"
         + "".join(t + "\n" for t in TEMPLATES),
