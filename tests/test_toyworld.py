@@ -45,7 +45,8 @@ def test_method_code_never_imports_the_toy_world():
 
 def test_committed_world_files_match_the_generator(tmp_path):
     world.write_data_files(tmp_path)
-    for name in ("people.json", "toy_people.tsv", "toy_templates.txt", "toy_prompts.txt", "toy_prompts_eval.txt",
+    for name in ("people.json", "toy_people.tsv", "toy_people_train.tsv", "toy_people_heldout.tsv",
+                 "toy_templates.txt", "toy_templates_heldout.txt", "toy_prompts.txt", "toy_prompts_eval.txt",
                  "toy_person_prompts.txt"):
         assert (tmp_path / name).read_text() == (world.DATA / name).read_text(), f"{name} is out of date"
 
@@ -53,17 +54,44 @@ def test_committed_world_files_match_the_generator(tmp_path):
 def test_people_file_reads_as_a_real_people_file():
     people = load_people(world.PEOPLE_TSV)
     named = world.load_named_people()
-    assert list(people) == list(named) and len(people) == 16
+    assert list(people) == list(named) and len(people) == 100
     for name, desc in people.items():
         assert Attributes.parse(desc) == named[name].attributes
-    # two pairs share a whole description: only the signature tells them apart
+    # the original pairs still share a whole description: only the signature tells them apart
     assert people["Anya Brandt"] == people["Carla Mendes"] and people["Bruno Castell"] == people["Dario Kessler"]
-    assert len({(p.signature.mark_spot, p.signature.mark_colour) for p in named.values()}) == 16
+    assert len({world._visible(p.signature) for p in named.values()}) == 100
+    assert len({(p.signature.mark_spot, p.signature.mark_colour) for p in list(named.values())[:16]}) == 16
     assert {p.attributes.skin for p in named.values()} == {"light", "medium", "dark"}
     assert len(load_templates(world.TEMPLATES_TXT)) == len(world.TEMPLATES)
     train = set(world.general_captions(300, world.WORLD_SEED))
     held_out = [line.strip() for line in world.PROMPTS_EVAL_TXT.read_text().splitlines()]
     assert len(held_out) == 100 and not train & set(held_out)
+
+
+def test_groups_split_the_cast_in_balanced_halves_with_look_alikes_together():
+    named = world.load_named_people()
+    groups = world.load_groups()
+    assert groups == world.split_groups(named)
+    for group, path in world.GROUP_TSV.items():
+        members = load_people(path)
+        assert list(members) == [n for n in named if groups[n] == group] == list(world.load_named_people(group=group))
+        genders = [named[n].attributes.gender for n in members]
+        assert len(members) == 50 and genders.count("female") == genders.count("male") == 25
+    by_desc: dict[str, set[str]] = {}
+    for name, person in named.items():
+        by_desc.setdefault(person.attributes.describe(), set()).add(groups[name])
+    assert all(len(g) == 1 for g in by_desc.values())
+    assert sum(1 for n, p in named.items() if sum(q.attributes == p.attributes for q in named.values()) > 1) > 50
+
+
+def test_heldout_templates_never_appear_in_training():
+    held = load_templates(world.TEMPLATES_HELDOUT_TXT)
+    assert held == world.heldout_templates() and len(held) == len(world.SHIRTS)
+    phrases = [t.split("{name} ", 1)[1] for t in held]
+    assert not any(ph in t for ph in phrases for t in world.TEMPLATES)
+    for t in held:
+        background, shirt = world.parse_template(t)
+        assert background is not None and shirt is not None
 
 
 def test_descriptions_round_trip():
@@ -98,7 +126,7 @@ def test_templates_draw_what_they_name():
 
 def test_shipped_toy_checkpoint_is_small_and_loads_strictly():
     record = json.loads(CHECKPOINT.with_suffix(".json").read_text())
-    assert CHECKPOINT.stat().st_size <= 5_000_000 and record["bytes"] == CHECKPOINT.stat().st_size
+    assert CHECKPOINT.stat().st_size <= 8_000_000 and record["bytes"] == CHECKPOINT.stat().st_size
     assert record["sha256"] == file_digest(CHECKPOINT)
     assert record["people_json_sha256"] == file_digest(world.PEOPLE_JSON)
     sd = read_state_dict(CHECKPOINT)
@@ -166,8 +194,8 @@ def test_make_model_script_runs_at_reduced_size(tmp_path):
            "3", "--batch_size", "4", "--workers", "1", "--threads", "1", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["pictures"] == {"named": 32, "anonymous": 12, "scene": 6}
-    assert record["description_stage_pictures"] == {"named": 16, "anonymous": 5, "scene": 3}
+    assert record["pictures"] == {"named": 200, "anonymous": 12, "scene": 6}
+    assert record["description_stage_pictures"] == {"named": 100, "anonymous": 5, "scene": 3}
     assert record["sha256"] == file_digest(out) and out.with_suffix(".preview.png").is_file()
     load_model(CONFIG, out)
 

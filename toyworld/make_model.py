@@ -2,7 +2,7 @@
 configs/toy/toy-sd.yaml) trained from a seed on rendered toy people and scenes, saved as an SD v1-layout
 .safetensors that loads through the same strict loader as real checkpoints.
 
-    python -m toyworld.make_model                       # ~24 min on 2 CPU cores -> toyworld/assets/toy-sd.safetensors
+    python -m toyworld.make_model                       # ~38 min on 2 CPU cores -> toyworld/assets/toy-sd.safetensors
     python -m toyworld.make_model --finetune_from toyworld/assets/toy-sd.safetensors --style pop \
         --unet_steps 800 --out outputs/toy/toy-sd-pop.safetensors   # the restyled second model (transfer test)
 
@@ -280,17 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(CHECKPOINT), help="checkpoint to write (.safetensors, fp16); a .json record "
                    "and a .preview.png grid are written beside it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--named", type=int, default=400, help="pictures per named person")
+    p.add_argument("--named", type=int, default=150, help="pictures per named person")
     p.add_argument("--anonymous", type=int, default=8000, help="pictures of anonymous people (one each)")
     p.add_argument("--scenes", type=int, default=4000, help="pictures of scenes (no person)")
     p.add_argument("--style", default=None, help="draw every picture on this background style (e.g. pop)")
-    p.add_argument("--unet_steps", type=int, default=5000, help="steps of the first stage")
+    p.add_argument("--unet_steps", type=int, default=10000, help="steps of the first stage")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--desc_steps", type=int, default=1200,
                    help="steps of the description stage (0: none; never with --finetune_from)")
     p.add_argument("--desc_lr", type=float, default=5e-4)
-    p.add_argument("--desc_named", type=int, default=100, help="description stage: pictures per named person")
+    p.add_argument("--desc_named", type=int, default=40, help="description stage: pictures per named person")
     p.add_argument("--desc_anonymous", type=int, default=8000, help="description stage: anonymous people")
     p.add_argument("--desc_scenes", type=int, default=1000, help="description stage: scenes")
     p.add_argument("--finetune_from", default=None, help="start from this checkpoint and train only the UNet")
